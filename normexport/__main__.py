@@ -1,0 +1,5 @@
+import sys
+
+from normexport.cli import main
+
+sys.exit(main())

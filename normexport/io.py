@@ -1,0 +1,237 @@
+"""Files: CSV tables, tagged JSON documents, atomic writes and the model directory.
+
+Everything that reads user files validates once, here, and raises a
+:class:`~normexport.errors.NormexportError` naming the file, line and column at fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from normexport.errors import DataError, FormatError, NormexportError
+
+# The model directory (see docs/model-directory.md).
+SCALERS_FILE = "scalers.json"
+NET_PREFIX = "net"
+MODEL_PREFIX = "model"
+ONNX_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+REPORT_DIR = "report"
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # scalers, manifests and symbols are small; refuse absurd ones
+_PICKLE_MAGIC = b"\x80"
+
+
+def symbol_file(directory: str | os.PathLike[str], prefix: str) -> Path:
+    return Path(directory) / f"{prefix}-symbol.json"
+
+
+def params_file(directory: str | os.PathLike[str], prefix: str) -> Path:
+    return Path(directory) / f"{prefix}-0000.params"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is untouched, so a
+    reader never sees half a file.
+    """
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise NormexportError(f"{target.parent}: cannot write here ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def dump_json(obj: Any) -> str:
+    """Canonical JSON text: stable key order as given, two-space indent, final newline."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    write_bytes(path, dump_json(obj).encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike[str], format_tag: str | None = None) -> Any:
+    """Read a JSON document; with ``format_tag``, require ``obj["format"] == format_tag``."""
+    path = Path(path)
+    raw = read_small_file(path, MAX_JSON_BYTES)
+    if raw.startswith(_PICKLE_MAGIC):
+        raise FormatError(f"{path}: looks like a Python pickle; normexport reads JSON only")
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    if format_tag is not None:
+        found = obj.get("format") if isinstance(obj, dict) else None
+        if found != format_tag:
+            raise FormatError(f"{path}: format tag is {found!r}, expected {format_tag!r}")
+    return obj
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """Read a whole file that must exist and be at most ``limit`` bytes."""
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise FormatError(f"{path}: is a directory, expected a file")
+        if size > limit:
+            raise FormatError(f"{path}: {size} bytes, larger than the {limit}-byte limit")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NormexportError(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise NormexportError(f"{path}: permission denied") from exc
+
+
+# --------------------------------------------------------------------------- CSV tables
+
+
+def read_header(path: str | os.PathLike[str]) -> list[str]:
+    """The column names of a CSV file (its first row)."""
+    path = Path(path)
+    with _open_csv(path) as handle:
+        row = next(csv.reader(handle), None)
+    if row is None:
+        raise DataError(f"{path}: empty file, expected a header row")
+    return _check_header(path, row)
+
+
+def load_columns(path: str | os.PathLike[str], columns: Sequence[str]) -> np.ndarray:
+    """Read the named columns of a CSV file as a float64 array of shape ``(rows, len(columns))``.
+
+    Errors name the file, line (1-based, the header is line 1) and column: a missing
+    file or column, a duplicate header, a ragged row, a non-numeric, NaN or infinite
+    cell, or a table with no data rows.
+    """
+    return load_table(path, [columns])[0]
+
+
+def load_table(path: str | os.PathLike[str], groups: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Like :func:`load_columns` for several column groups read in one pass."""
+    path = Path(path)
+    with _open_csv(path) as handle:
+        reader = csv.reader(handle)
+        header_row = next(reader, None)
+        if header_row is None:
+            raise DataError(f"{path}: empty file, expected a header row")
+        header = _check_header(path, header_row)
+        index = {name: i for i, name in enumerate(header)}
+        picks = []
+        for group in groups:
+            if not group:
+                raise DataError(f"{path}: no columns selected")
+            missing = [c for c in group if c not in index]
+            if missing:
+                raise DataError(
+                    f"{path}: no column named {missing[0]!r} (columns: {', '.join(header)})"
+                )
+            picks.append([index[c] for c in group])
+        rows: list[list[list[float]]] = [[] for _ in groups]
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{line_no}: row has {len(row)} cells, header has {len(header)}"
+                )
+            for out, pick in zip(rows, picks, strict=True):
+                out.append([_parse_cell(path, line_no, header[j], row[j]) for j in pick])
+    if not rows[0]:
+        raise DataError(f"{path}: no data rows after the header")
+    return [np.asarray(r, dtype=np.float64) for r in rows]
+
+
+@contextlib.contextmanager
+def _open_csv(path: Path) -> Iterator[IO[str]]:
+    try:
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, expected a CSV file")
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            yield handle
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise DataError(f"{path}: permission denied") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text file") from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from exc
+
+
+def _check_header(path: Path, row: list[str]) -> list[str]:
+    header = [cell.strip() for cell in row]
+    seen: set[str] = set()
+    for name in header:
+        if not name:
+            raise DataError(f"{path}:1: empty column name in the header")
+        if name in seen:
+            raise DataError(f"{path}:1: duplicate column {name!r} in the header")
+        seen.add(name)
+    return header
+
+
+def _parse_cell(path: Path, line_no: int, column: str, cell: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise DataError(
+            f"{path}:{line_no}: column {column!r}: {cell.strip()!r} is not a number"
+        ) from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}:{line_no}: column {column!r}: {cell.strip()} is not finite")
+    return value
+
+
+def write_csv(path: str | os.PathLike[str], columns: Sequence[str], values: np.ndarray) -> None:
+    """Write a header and rows atomically; floats keep full precision (``repr``)."""
+    with atomic_write(path, "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        for row in values.tolist():
+            writer.writerow([repr(v) for v in row])
