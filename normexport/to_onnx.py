@@ -1,0 +1,379 @@
+"""Convert a raw-in/raw-out MXNet checkpoint to ONNX, then post-process it.
+
+Conversion is MXNet's own exporter (``mxnet.onnx.export_model``). It is given *hollow*
+stand-ins for the weights (right shape and dtype, no values), so the op translation runs
+as usual while the weight values never pass through Python lists: the exporter would
+otherwise copy every parameter into ``float_data`` at about 52 bytes per float32 value,
+and it serializes the whole graph, which fails beyond protobuf's 2 GB limit. The values
+are attached afterwards as ``raw_data`` (or as external data for large models).
+
+Post-processing is an ordered list of pure ``ModelProto -> ModelProto`` passes; see
+:data:`PASSES` for why the order matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, shape_inference
+
+from normexport import __version__, io
+from normexport.errors import GraphError, first_line
+
+DEFAULT_OPSET = 13
+MIN_OPSET = 13  # the exporter translates with opset 12/13 rules; converting down fails
+INPUT, OUTPUT, BATCH = "input", "output", "batch"
+GRAPH_NAME = "normexport_model"
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to an external data file
+
+Pass = Callable[[onnx.ModelProto], onnx.ModelProto]
+
+
+def newest_opset() -> int:
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> int:
+    newest = newest_opset()
+    if not MIN_OPSET <= opset <= newest:
+        raise GraphError(
+            f"opset {opset} is not supported: choose {MIN_OPSET} to {newest} (MXNet's "
+            f"exporter translates ops with opset 13 rules; onnx {onnx.__version__} knows "
+            f"opsets up to {newest})"
+        )
+    return opset
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def export_graph(
+    symbol: Any,
+    arg_params: dict[str, Any],
+    aux_params: dict[str, Any],
+    n_inputs: int,
+    dtype: str,
+) -> onnx.ModelProto:
+    """Run MXNet's exporter on hollow weights; return the model without weight values."""
+    from mxnet.onnx import export_model
+
+    hollow = [
+        {k: _HollowParam(v.shape, v.dtype) for k, v in params.items()}
+        for params in (arg_params, aux_params)
+    ]
+    with tempfile.TemporaryDirectory(prefix="normexport-onnx-") as tmp:
+        path = os.path.join(tmp, "graph.onnx")
+        # The exporter logs at INFO and warns about opsets; it has nothing for our users.
+        logger = logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            export_model(
+                symbol,
+                hollow,
+                in_shapes=[(1, n_inputs)],
+                in_types=[np.dtype(dtype)],
+                onnx_file_path=path,
+                dynamic=True,
+                dynamic_input_shapes=[(BATCH, n_inputs)],
+            )
+        except Exception as exc:  # the exporter raises bare AttributeError/ValueError/...
+            raise GraphError(f"MXNet's ONNX exporter failed: {first_line(exc)}") from exc
+        finally:
+            logger.setLevel(level)
+        return onnx.load(path)
+
+
+class _Unfilled(Sequence[float]):
+    """A sequence with a tensor's length but a single value: what the exporter copies.
+
+    One value (not none) keeps the exporter's own ``check_graph`` content; the real
+    values replace it in :func:`attach_weights`.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: Any) -> Any:
+        raise IndexError(index)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter((0.0,))
+
+
+class _HollowArray(np.ndarray):
+    """Zero-strided array of the right shape whose ``flatten().tolist()`` holds nothing."""
+
+    def flatten(self, order: Any = "C") -> Any:
+        return self
+
+    def tolist(self) -> Any:
+        return _Unfilled(int(np.prod(self.shape, dtype=np.int64)))
+
+
+@dataclass(frozen=True)
+class _HollowParam:
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def asnumpy(self) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape).view(_HollowArray)
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def rename_io(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name the single input ``input`` and the single output ``output``, with batch ``batch``."""
+    model = _copy(model)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise GraphError(
+            f"expected one input and one output, found {len(inputs)} and {len(graph.output)}"
+        )
+    renames = {inputs[0].name: INPUT, graph.output[0].name: OUTPUT}
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    inputs[0].name, graph.output[0].name = INPUT, OUTPUT
+    for value in (inputs[0], graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH
+    return model
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Initializers are constants, not graph inputs (IR >= 4); listing them invites overrides."""
+    model = _copy(model)
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return model
+
+
+def drop_redundant_flatten(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove ``Flatten(axis=1)`` of 2-D tensors: the exporter puts one before each Gemm."""
+    model = _copy(model)
+    inferred = shape_inference.infer_shapes(model)
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    graph_outputs = {o.name for o in model.graph.output}
+    replace: dict[str, str] = {}
+    keep = []
+    for node in model.graph.node:
+        node.input[:] = [replace.get(n, n) for n in node.input]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        source = node.input[0] if node.input else ""
+        if (
+            node.op_type == "Flatten"
+            and axis == 1
+            and ranks.get(source) == 2
+            and node.output[0] not in graph_outputs
+        ):
+            replace[node.output[0]] = source
+            continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def set_opset(opset: int) -> Pass:
+    """Stamp opset 13 (the rules the exporter translated with), then convert up if asked."""
+
+    def apply(model: onnx.ModelProto) -> onnx.ModelProto:
+        model = _copy(model)
+        del model.opset_import[:]
+        model.opset_import.append(helper.make_opsetid("", DEFAULT_OPSET))
+        if opset != DEFAULT_OPSET:
+            try:
+                model = onnx.version_converter.convert_version(model, opset)
+            except Exception as exc:
+                raise GraphError(f"cannot convert to opset {opset}: {first_line(exc)}") from exc
+        return model
+
+    return apply
+
+
+def name_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = _copy(model)
+    model.graph.name = GRAPH_NAME
+    model.producer_name = "normexport"
+    model.producer_version = __version__
+    model.graph.doc_string = (
+        "Raw-in/raw-out regression network: input normalization and output "
+        "de-normalization are part of the graph (see metadata normexport.scalers)."
+    )
+    return model
+
+
+def set_metadata(entries: dict[str, str]) -> Pass:
+    def apply(model: onnx.ModelProto) -> onnx.ModelProto:
+        model = _copy(model)
+        existing = {p.key: p for p in model.metadata_props}
+        for key, value in entries.items():
+            if key in existing:
+                existing[key].value = value
+            else:
+                model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+        return model
+
+    return apply
+
+
+def post_process(
+    model: onnx.ModelProto, *, opset: int, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    """Run the passes in order.
+
+    Order matters: initializer inputs go before renaming (so the one real input is
+    unambiguous); Flatten removal needs shapes, which inference finds only once inputs
+    are named and the initializers are constants; the opset is set last among the graph
+    edits so the version converter sees the final op list.
+    """
+    for apply in (
+        drop_initializer_inputs,
+        rename_io,
+        drop_redundant_flatten,
+        set_opset(check_opset(opset)),
+        name_graph,
+        set_metadata(metadata),
+    ):
+        model = apply(model)
+    return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def attach_weights(
+    model: onnx.ModelProto, params: dict[str, Any], *, external: str | None = None
+) -> tuple[onnx.ModelProto, list[tuple[int, np.ndarray]]]:
+    """Fill the hollow initializers from ``params`` (name -> array with ``asnumpy``).
+
+    Without ``external``, values go into ``raw_data``. With ``external`` (a file name
+    relative to the model), initializers reference that file at offsets; the returned
+    list of ``(offset, array)`` is what :func:`save_model` writes there.
+    """
+    model = _copy(model)
+    chunks: list[tuple[int, np.ndarray]] = []
+    offset = 0
+    for tensor in model.graph.initializer:
+        if tensor.name not in params:
+            continue  # a constant the exporter made itself (shapes, axes): already filled
+        value = params[tensor.name]
+        array = np.ascontiguousarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
+        if tuple(tensor.dims) != array.shape:
+            raise GraphError(f"initializer {tensor.name}: shape {array.shape} != {tensor.dims}")
+        for field in ("float_data", "double_data", "int32_data", "int64_data"):
+            tensor.ClearField(field)
+        if external is None:
+            tensor.raw_data = array.tobytes()
+        else:
+            offset = -(-offset // 64) * 64  # align like onnx's own external data writer
+            tensor.data_location = TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, val in (
+                ("location", external),
+                ("offset", str(offset)),
+                ("length", str(array.nbytes)),
+            ):
+                tensor.external_data.append(onnx.StringStringEntryProto(key=key, value=val))
+            chunks.append((offset, array))
+            offset += array.nbytes
+    return model, chunks
+
+
+def needs_external_data(params: dict[str, Any]) -> bool:
+    total = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in params.values())
+    return total > EXTERNAL_DATA_THRESHOLD
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    chunks: list[tuple[int, np.ndarray]] = (),  # type: ignore[assignment]
+) -> list[Path]:
+    """Write the model (and its external data file) atomically; return the files written."""
+    path = Path(path)
+    written = [path]
+    if chunks:
+        location = next(
+            e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
+        )
+        data_path = path.parent / location
+        with io.atomic_write(data_path) as handle:
+            for offset, array in chunks:
+                handle.seek(offset)
+                handle.write(memoryview(array).cast("B"))
+        written.append(data_path)
+    io.write_bytes(path, model.SerializeToString())
+    return written
+
+
+def check(path: str | os.PathLike[str]) -> None:
+    """``onnx.checker`` with ``full_check`` (on the path, so external data and >2 GB work)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GraphError(f"{path}: the ONNX checker refuses the file: {first_line(exc)}") from exc
+
+
+def metadata_entries(mode: str, scalers: dict[str, Any], fold: dict[str, str]) -> dict[str, str]:
+    return {
+        "normexport.version": __version__,
+        "normexport.mode": mode,
+        "normexport.fold": json.dumps(fold, sort_keys=True),
+        "normexport.scalers": json.dumps(scalers, sort_keys=True),
+    }
+
+
+def convert(
+    checkpoint: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    n_inputs: int,
+    dtype: str,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str],
+) -> list[Path]:
+    """The whole conversion: export, post-process, attach weights, write, check.
+
+    Returns the files written (the model, plus ``<name>.data`` for large models).
+    """
+    symbol, arg_params, aux_params = checkpoint
+    check_opset(opset)
+    model = export_graph(symbol, arg_params, aux_params, n_inputs, dtype)
+    model = post_process(model, opset=opset, metadata=metadata)
+    params = {**arg_params, **aux_params}
+    external = Path(out_path).name + ".data" if needs_external_data(params) else None
+    model, chunks = attach_weights(model, params, external=external)
+    written = save_model(model, out_path, chunks)
+    check(out_path)
+    return written

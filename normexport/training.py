@@ -1,0 +1,253 @@
+"""Build and train a plain Dense regression network in normalized space.
+
+The network never sees raw units: inputs and targets are scaled by the scalers (fitted
+here unless given), so every layer trains on values of order one. The normalization is
+attached to the network only after training, by :mod:`normexport.graph`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+from normexport.errors import DataError
+from normexport.scaling import DTYPES, AffineScaler, MinMaxScaler
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "softrelu")
+NET_PREFIX = "net_"  # explicit, so parameter names never depend on what was built before
+
+DEFAULT_HIDDEN = (32, 32, 32)
+DEFAULT_EPOCHS = 200
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 1e-2
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the best network, its scalers and the record."""
+
+    net: gluon.HybridBlock
+    in_scaler: AffineScaler
+    out_scaler: AffineScaler
+    history: list[dict[str, float]]
+    best_epoch: int
+    holdout_rmse: dict[str, float]
+    holdout_rmse_relative: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready training summary (goes into ``manifest.json``)."""
+        best = self.history[self.best_epoch - 1] if self.history else {}
+        return {
+            "settings": self.settings,
+            "epochs_run": len(self.history),
+            "best_epoch": self.best_epoch,
+            "best_train_loss": best.get("train_loss"),
+            "best_val_loss": best.get("val_loss"),
+            "loss": "mean squared error in normalized units",
+            "holdout_rmse": self.holdout_rmse,
+            "holdout_rmse_relative_to_range": self.holdout_rmse_relative,
+            "seconds": round(self.seconds, 3),
+            "history": self.history,
+        }
+
+
+def build_net(
+    n_outputs: int,
+    hidden: Sequence[int] = DEFAULT_HIDDEN,
+    activation: str = "sigmoid",
+    dtype: str = "float64",
+    prefix: str = NET_PREFIX,
+) -> gluon.nn.HybridSequential:
+    """A ``HybridSequential`` of ``Dense`` layers with a linear output layer."""
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_choice("dtype", dtype, DTYPES)
+    if any(int(h) < 1 for h in hidden):
+        raise DataError(f"hidden sizes must be positive integers, got {list(hidden)}")
+    net = gluon.nn.HybridSequential(prefix=prefix)
+    with net.name_scope():
+        for width in hidden:
+            net.add(gluon.nn.Dense(int(width), activation=activation, dtype=dtype))
+        net.add(gluon.nn.Dense(n_outputs, dtype=dtype))
+    return net
+
+
+def train(
+    X: Any,
+    Y: Any,
+    *,
+    input_columns: Sequence[str] | None = None,
+    target_columns: Sequence[str] | None = None,
+    in_scaler: AffineScaler | None = None,
+    out_scaler: AffineScaler | None = None,
+    hidden: Sequence[int] = DEFAULT_HIDDEN,
+    activation: str = "sigmoid",
+    dtype: str = "float64",
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train a plain Dense net on normalized ``X`` → normalized ``Y``.
+
+    Min-max scalers are fitted on all rows when none are given. Adam with L2 loss on
+    shuffled mini-batches; ``val_fraction`` of the rows (a seeded split) are held out and
+    the weights of the epoch with the lowest validation loss are kept. The same seed and
+    data give the same weights. ``progress=None`` shows a bar only on a terminal.
+
+    Returns a :class:`TrainResult`, including the hold-out RMSE per target in raw units.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if X.ndim != 2 or Y.ndim != 2:
+        raise DataError("X and Y must be 2-D arrays (rows, columns)")
+    if X.shape[0] != Y.shape[0]:
+        raise DataError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("activation", activation, ACTIVATIONS)
+    if epochs < 1 or batch_size < 1 or not (lr > 0):
+        raise DataError("epochs and batch size must be >= 1 and the learning rate > 0")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+    if in_scaler is None:
+        in_scaler = MinMaxScaler().fit(X, columns=input_columns)
+    if out_scaler is None:
+        if target_columns is None:
+            target_columns = [f"y{i}" for i in range(Y.shape[1])]
+        out_scaler = MinMaxScaler().fit(Y, columns=target_columns, target=True)
+    out_scaler.check_target()
+    Xn = in_scaler.transform(X).astype(dtype)
+    Yn = out_scaler.transform(Y).astype(dtype)
+
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(X.shape[0])
+    n_val = round(val_fraction * X.shape[0])
+    if val_fraction > 0 and (n_val < 1 or n_val >= X.shape[0]):
+        raise DataError(f"{X.shape[0]} rows are too few for a validation split of {val_fraction}")
+    val_idx, train_idx = order[:n_val], order[n_val:]
+
+    mx.random.seed(seed)
+    net = build_net(Y.shape[1], hidden, activation, dtype)
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    net.hybridize(static_alloc=True, static_shape=True)
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": lr})
+    loss_fn = gluon.loss.L2Loss()
+
+    x_train, y_train = Xn[train_idx], Yn[train_idx]
+    x_val, y_val = (Xn[val_idx], Yn[val_idx]) if n_val else (x_train, y_train)
+    settings = {
+        "hidden": [int(h) for h in hidden],
+        "activation": activation,
+        "dtype": dtype,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": "adam",
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "train_rows": len(train_idx),
+        "val_rows": int(n_val),
+    }
+
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_params = np.inf, 0, None
+    started = time.perf_counter()
+    bar = _progress(epochs, progress)
+    try:
+        for epoch in range(1, epochs + 1):
+            train_loss = _run_epoch(net, trainer, loss_fn, x_train, y_train, batch_size, rng)
+            val_loss = _mse(net, x_val, y_val)
+            history.append(
+                {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val_loss)}
+            )
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_params = {k: p.data().copy() for k, p in net.collect_params().items()}
+            bar.set_postfix(train=f"{train_loss:.3g}", val=f"{val_loss:.3g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    assert best_params is not None
+    for name, param in net.collect_params().items():
+        param.set_data(best_params[name])
+
+    raw_pred = out_scaler.inverse_transform(predict_normalized(net, x_val, dtype)).astype(
+        np.float64
+    )
+    raw_true = Y[val_idx] if n_val else Y[train_idx]
+    rmse = np.sqrt(np.mean((raw_pred - raw_true) ** 2, axis=0))
+    span = Y.max(axis=0) - Y.min(axis=0)
+    return TrainResult(
+        net=net,
+        in_scaler=in_scaler,
+        out_scaler=out_scaler,
+        history=history,
+        best_epoch=best_epoch,
+        holdout_rmse=dict(zip(out_scaler.columns_, rmse.tolist(), strict=True)),
+        holdout_rmse_relative=dict(zip(out_scaler.columns_, (rmse / span).tolist(), strict=True)),
+        settings=settings,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def predict_normalized(net: gluon.HybridBlock, Xn: np.ndarray, dtype: str) -> np.ndarray:
+    """Run the plain net on normalized rows (in chunks) and return normalized outputs."""
+    chunks = [
+        net(mx.nd.array(Xn[i : i + 65536], dtype=dtype)).asnumpy()
+        for i in range(0, Xn.shape[0], 65536)
+    ]
+    return np.concatenate(chunks)
+
+
+def _run_epoch(
+    net: gluon.HybridBlock,
+    trainer: gluon.Trainer,
+    loss_fn: gluon.loss.Loss,
+    X: np.ndarray,
+    Y: np.ndarray,
+    batch_size: int,
+    rng: np.random.RandomState,
+) -> float:
+    order = rng.permutation(X.shape[0])
+    total = 0.0
+    # Full batches only keep shapes static (static_shape=True); the remainder joins next epoch.
+    n_full = max(1, X.shape[0] // batch_size)
+    size = min(batch_size, X.shape[0])
+    xs, ys = mx.nd.array(X[order], dtype=X.dtype), mx.nd.array(Y[order], dtype=Y.dtype)
+    for b in range(n_full):
+        xb, yb = xs[b * size : (b + 1) * size], ys[b * size : (b + 1) * size]
+        with autograd.record():
+            loss = loss_fn(net(xb), yb)
+        loss.backward()
+        trainer.step(size)
+        total += float(loss.mean().asscalar())
+    # L2Loss is half the squared error, averaged over outputs: report the MSE.
+    return 2.0 * total / n_full
+
+
+def _mse(net: gluon.HybridBlock, X: np.ndarray, Y: np.ndarray) -> float:
+    pred = predict_normalized(net, X, str(X.dtype))
+    return float(np.mean((pred.astype(np.float64) - Y) ** 2))
+
+
+def _progress(epochs: int, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty() if enabled is None else not enabled
+    return tqdm(total=epochs, desc="training", unit="epoch", disable=disable, file=sys.stderr)
+
+
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise DataError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
