@@ -18,6 +18,7 @@ import numpy as np
 from normexport import io
 from normexport.errors import FormatError, first_line
 from normexport.graph import Checkpoint
+from normexport.mxparams import read_params
 
 MAX_SYMBOL_BYTES = 64 * 1024 * 1024
 MAX_PARAMS_BYTES = 64 * 1024**3
@@ -134,23 +135,14 @@ def load_params(
 
     Accepts both ``net.export`` files (``arg:``/``aux:`` prefixes) and
     ``save_parameters`` files (bare names, sorted by the symbol's auxiliary states).
+    The file is parsed by :mod:`normexport.mxparams`, never by ``mx.nd.load``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    size = path.stat().st_size
+    size = path.stat().st_size if path.is_file() else 0
     if size > MAX_PARAMS_BYTES:
         raise FormatError(f"{path}: {size} bytes, larger than the {MAX_PARAMS_BYTES}-byte limit")
-    with open(path, "rb") as handle:
-        magic = handle.read(8)
-    if len(magic) < 8 or magic[:1] == b"\x80":
-        raise FormatError(f"{path}: not an MXNet params file")
-    try:
-        loaded = mx.nd.load(str(path))
-    except mx.base.MXNetError as exc:
-        raise FormatError(f"{path}: not a readable MXNet params file: {first_line(exc)}") from exc
-    if not isinstance(loaded, dict):
-        raise FormatError(f"{path}: holds an unnamed list of arrays, expected named parameters")
+    # Parsed in Python (never by mx.nd.load), so a hostile file cannot crash the process.
+    loaded = {k: mx.nd.array(v, dtype=v.dtype) for k, v in read_params(path).items()}
     aux_names = set(symbol.list_auxiliary_states()) if symbol is not None else set()
     arg_params: dict[str, mx.nd.NDArray] = {}
     aux_params: dict[str, mx.nd.NDArray] = {}

@@ -31,6 +31,8 @@ REPORT_DIR = "report"
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # scalers, manifests and symbols are small; refuse absurd ones
 _PICKLE_MAGIC = b"\x80"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def symbol_file(directory: str | os.PathLike[str], prefix: str) -> Path:
@@ -58,6 +60,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise NormexportError(f"{target.parent}: cannot write here ({exc.strerror})") from exc
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
         yield Path(tmp)
         _fsync(tmp)
         os.replace(tmp, target)

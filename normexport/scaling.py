@@ -91,6 +91,14 @@ class AffineScaler:
         self._check_fitted()
         return self.inverse_scale_, self.inverse_shift_
 
+    def span(self) -> np.ndarray:
+        """Raw-unit width of each column's normalized range (the data range for min-max,
+        one standard deviation for z-scores): the yardstick for range-relative errors."""
+        return np.abs(self.inverse_affine()[0]) * self._normalized_width()
+
+    def _normalized_width(self) -> float:
+        return 1.0
+
     def transform(self, X: Any) -> np.ndarray:
         """Normalize ``X`` (rows × columns); the result has ``X``'s float dtype."""
         return self._apply(X, *self.affine())
@@ -269,6 +277,9 @@ class MinMaxScaler(AffineScaler):
 
     def _settings(self) -> dict[str, Any]:
         return {"feature_range": list(self.feature_range)}
+
+    def _normalized_width(self) -> float:
+        return self.feature_range[1] - self.feature_range[0]
 
     def _load_settings(self, obj: dict[str, Any], source: str) -> None:
         self.feature_range = _check_feature_range(obj.get("feature_range"), source)

@@ -42,6 +42,8 @@ class TrainResult:
     holdout_rmse_relative: dict[str, float]
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    holdout_true: np.ndarray | None = None  # raw units, for parity plots
+    holdout_pred: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready training summary (goes into ``manifest.json``)."""
@@ -198,6 +200,8 @@ def train(
         holdout_rmse_relative=dict(zip(out_scaler.columns_, (rmse / span).tolist(), strict=True)),
         settings=settings,
         seconds=time.perf_counter() - started,
+        holdout_true=raw_true,
+        holdout_pred=raw_pred,
     )
 
 

@@ -1,0 +1,365 @@
+"""The order of the stages, and the model directory as a unit.
+
+train → (scalers.json, net-*) → splice or fold → model-* → model.onnx → verify →
+manifest.json. A directory is written in a staging directory beside it and swapped
+into place only when complete (manifest last), so a crash or a kill leaves either the
+previous complete directory or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+from collections.abc import Iterator, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normexport import __version__, io
+from normexport.errors import DataError, GraphError, NormexportError, VerificationError
+from normexport.scaling import (
+    AffineScaler,
+    MinMaxScaler,
+    StandardScaler,
+    scalers_from_dict,
+    scalers_to_dict,
+)
+
+MANIFEST_FORMAT = "normexport.manifest/1"
+MODES = ("splice", "fold")
+_STAGING, _OLD = ".staging-", ".old-"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def export(
+    model: Any,
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    out_dir: str | os.PathLike[str],
+    *,
+    mode: str = "splice",
+    opset: int = 13,
+    verify_rows: np.ndarray | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete model directory for ``model`` with the scalers baked in.
+
+    ``model`` is a hybridized Gluon block that has run forward once, a checkpoint
+    prefix (``"path/net"`` for ``net-symbol.json`` + ``net-0000.params``), or a
+    ``(symbol, arg_params, aux_params)`` tuple. The directory gets ``scalers.json``,
+    ``net-*`` (the plain network), ``model-*`` (raw in, raw out), ``model.onnx`` and
+    ``manifest.json``; the export is verified (on ``verify_rows`` if given, else on
+    random rows over the training range) before it is swapped into place, and a
+    failing verification raises :class:`~normexport.errors.VerificationError`
+    leaving any previous directory untouched.
+    """
+    from normexport import graph
+
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    from normexport.to_onnx import check_opset
+
+    check_opset(opset)
+    checkpoint = _as_checkpoint(model)
+    info = graph.describe(checkpoint, in_scaler.n_features_in_)
+    if info.n_outputs != out_scaler.n_features_in_:
+        raise GraphError(
+            f"the network has {info.n_outputs} outputs, but the output scaler has "
+            f"{out_scaler.n_features_in_} columns ({', '.join(out_scaler.columns_)})"
+        )
+    out_scaler.check_target()
+    scalers = scalers_to_dict(in_scaler, out_scaler, info.dtype)
+    with model_directory(out_dir) as stage:
+        report = _write_export(
+            stage,
+            checkpoint,
+            scalers,
+            in_scaler,
+            out_scaler,
+            info,
+            mode,
+            opset,
+            verify_rows,
+            training,
+        )
+        if not report.ok:
+            raise VerificationError(
+                "verification failed; the export was not written\n" + report.table()
+            )
+    return Path(out_dir)
+
+
+def verify(
+    model_dir: str | os.PathLike[str],
+    X: Any = None,
+    *,
+    rows: int | None = None,
+    rtol: float | None = None,
+) -> Any:
+    """Verify a model directory; returns a :class:`~normexport.verification.VerificationReport`."""
+    from normexport.verification import verify_directory
+
+    return verify_directory(model_dir, None if X is None else np.asarray(X), rows=rows, rtol=rtol)
+
+
+def export_directory(
+    model_dir: str | os.PathLike[str], *, mode: str = "splice", opset: int = 13
+) -> Path:
+    """Re-export a directory written by :func:`train_to_directory` (``normexport export DIR``)."""
+    model_dir = Path(model_dir)
+    in_scaler, out_scaler, _ = load_scalers(model_dir / io.SCALERS_FILE)
+    manifest = _read_manifest(model_dir)
+    return export(
+        str(model_dir / io.NET_PREFIX),
+        in_scaler,
+        out_scaler,
+        model_dir,
+        mode=mode,
+        opset=opset,
+        training=manifest.get("training") if manifest else None,
+    )
+
+
+def train_to_directory(
+    data_csv: str | os.PathLike[str],
+    inputs: Sequence[str],
+    targets: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    scaler: str = "minmax",
+    **train_options: Any,
+) -> Any:
+    """Load a CSV, fit scalers, train, and write ``scalers.json``, ``net-*``, plots and a
+    training manifest into ``out_dir``. Returns the :class:`~normexport.training.TrainResult`."""
+    from normexport import checkpoint as ckpt
+    from normexport import graph, plots
+    from normexport.training import train
+
+    _check_columns(inputs, targets)
+    X, Y = io.load_table(data_csv, [inputs, targets])
+    scaler_cls = {"minmax": MinMaxScaler, "standard": StandardScaler}.get(scaler)
+    if scaler_cls is None:
+        raise DataError(f"scaler must be minmax or standard, got {scaler!r}")
+    in_scaler = scaler_cls().fit(X, columns=inputs)
+    out_scaler = scaler_cls().fit(Y, columns=targets, target=True)
+    result = train(X, Y, in_scaler=in_scaler, out_scaler=out_scaler, **train_options)
+    net_checkpoint = graph.from_block(result.net)
+    dtype = result.settings["dtype"]
+    with model_directory(out_dir, keep=False) as stage:
+        io.write_json(stage / io.SCALERS_FILE, scalers_to_dict(in_scaler, out_scaler, dtype))
+        ckpt.save_checkpoint(net_checkpoint, stage, io.NET_PREFIX)
+        (stage / io.REPORT_DIR).mkdir(exist_ok=True)
+        plots.loss_curves(result.history, result.best_epoch, stage / io.REPORT_DIR / "loss.png")
+        plots.parity(
+            result.holdout_true,
+            result.holdout_pred,
+            list(targets),
+            stage / io.REPORT_DIR / "parity.png",
+        )
+        summary = result.summary()
+        summary["data"] = str(data_csv)
+        summary["report"] = [f"{io.REPORT_DIR}/loss.png", f"{io.REPORT_DIR}/parity.png"]
+        _write_manifest(stage, {"dtype": dtype, "training": summary})
+    return result
+
+
+def load_scalers(path: str | os.PathLike[str]) -> tuple[AffineScaler, AffineScaler, str]:
+    return scalers_from_dict(io.read_json(path), str(path))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _as_checkpoint(model: Any) -> Any:
+    from normexport import checkpoint as ckpt
+    from normexport import graph
+
+    if isinstance(model, (str, os.PathLike)):
+        prefix = str(model)
+        return ckpt.load_checkpoint(f"{prefix}-symbol.json", f"{prefix}-0000.params")
+    if isinstance(model, tuple) and len(model) == 3:
+        return graph.Checkpoint(*model)
+    if hasattr(model, "collect_params"):
+        return graph.from_block(model)
+    raise DataError(
+        "model must be a Gluon HybridBlock, a checkpoint prefix, or "
+        f"(symbol, arg_params, aux_params); got {type(model).__name__}"
+    )
+
+
+def _write_export(
+    stage: Path,
+    checkpoint: Any,
+    scalers: dict[str, Any],
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    info: Any,
+    mode: str,
+    opset: int,
+    verify_rows: np.ndarray | None,
+    training: dict[str, Any] | None,
+) -> Any:
+    from normexport import checkpoint as ckpt
+    from normexport import graph, to_onnx
+    from normexport.verification import verify_directory
+
+    in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
+    if mode == "fold":
+        model, plan = graph.fold(checkpoint, in_affine, out_affine)
+        fold = plan.to_dict()
+    else:
+        model = graph.splice(checkpoint, in_affine, out_affine)
+        fold = {"input": "spliced", "output": "spliced"}
+    io.write_json(stage / io.SCALERS_FILE, scalers)
+    ckpt.save_checkpoint(checkpoint, stage, io.NET_PREFIX)
+    ckpt.save_checkpoint(model, stage, io.MODEL_PREFIX)
+    for stale in stage.glob(io.ONNX_FILE + "*"):
+        stale.unlink()
+    to_onnx.convert(
+        model,
+        stage / io.ONNX_FILE,
+        n_inputs=info.n_inputs,
+        dtype=info.dtype,
+        opset=opset,
+        metadata=to_onnx.metadata_entries(mode, scalers, fold),
+    )
+    report = verify_directory(stage, verify_rows)
+    _write_manifest(
+        stage,
+        {
+            "mode": mode,
+            "fold": fold,
+            "opset": opset,
+            "dtype": info.dtype,
+            "inputs": list(in_scaler.columns_),
+            "outputs": list(out_scaler.columns_),
+            "training": training,
+            "verification": report.summary(),
+        },
+    )
+    return report
+
+
+def _write_manifest(stage: Path, fields: dict[str, Any]) -> None:
+    files = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        rel = path.relative_to(stage).as_posix()
+        if rel != io.MANIFEST_FILE:
+            files[rel] = {"sha256": io.sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "normexport_version": __version__,
+        "versions": _versions(),
+        **fields,
+        "files": files,
+    }
+    io.write_json(stage / io.MANIFEST_FILE, manifest)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("mxnet", "numpy", "onnx", "onnxruntime"):
+        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
+            versions[package] = importlib_metadata.version(package)
+    return versions
+
+
+def _read_manifest(model_dir: Path) -> dict[str, Any] | None:
+    path = model_dir / io.MANIFEST_FILE
+    return io.read_json(path, MANIFEST_FORMAT) if path.is_file() else None
+
+
+def _check_columns(inputs: Sequence[str], targets: Sequence[str]) -> None:
+    if not inputs or not targets:
+        raise DataError("give at least one input column and one target column")
+    both = set(inputs) & set(targets)
+    if both:
+        raise DataError(f"column {sorted(both)[0]!r} is both an input and a target")
+    for group in (inputs, targets):
+        if len(set(group)) != len(group):
+            raise DataError(f"duplicate column in {', '.join(group)}")
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+@contextlib.contextmanager
+def model_directory(out_dir: str | os.PathLike[str], *, keep: bool = True) -> Iterator[Path]:
+    """Stage a model directory beside ``out_dir`` and swap it in when the block succeeds.
+
+    With ``keep``, the stage starts as a copy of the existing directory (an export keeps
+    the training files). A failure removes the stage and leaves ``out_dir`` as it was.
+    """
+    target = Path(out_dir)
+    repair(target)
+    if target.exists() and not target.is_dir():
+        raise NormexportError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not _is_model_directory(target):
+        raise NormexportError(
+            f"{target}: exists and is not a normexport model directory; choose another --out"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NormexportError(f"{target.parent}: cannot create ({exc.strerror})") from exc
+    stage = target.parent / f".{target.name}{_STAGING}{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        if keep and target.is_dir():
+            shutil.copytree(target, stage, copy_function=_link_or_copy)
+            (stage / io.MANIFEST_FILE).unlink(missing_ok=True)
+        else:
+            stage.mkdir()
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise NormexportError(f"{target.parent}: cannot write here ({exc.strerror})") from exc
+    try:
+        yield stage
+        _swap_in(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # Files are replaced (never modified in place), so a hard link is a safe, free copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    old = target.parent / f".{target.name}{_OLD}{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(stage, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_model_directory(path: Path) -> bool:
+    return (path / io.MANIFEST_FILE).is_file() or (path / io.SCALERS_FILE).is_file()
+
+
+def repair(target: Path) -> None:
+    """Finish or undo what an interrupted run left beside ``target``.
+
+    Stages are incomplete by definition and are removed. An ``.old-`` directory is the
+    previous complete one: if ``target`` is missing (killed between the two renames) it
+    is put back, otherwise it is removed.
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for leftover in sorted(parent.glob(f".{target.name}{_STAGING}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in sorted(parent.glob(f".{target.name}{_OLD}*")):
+        if not target.exists() and (old / io.MANIFEST_FILE).is_file():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,407 @@
+"""Prove that the exported files compute the trained function.
+
+The same rows go through every runtime that can read the model directory:
+
+``onnxruntime``     ``model.onnx`` (CPU provider)
+``mxnet``           ``model-symbol.json`` + ``model-0000.params`` (the raw-in/raw-out model)
+``numpy``           an independent forward pass: ``scalers.json`` normalizes, the plain
+                    ``net-*`` network runs in NumPy (params parsed without MXNet), the
+                    output is de-normalized; it never sees the spliced or folded graph
+``onnx.reference``  ``onnx.reference.ReferenceEvaluator`` on a sample of the rows
+
+Errors are reported per output and per pair of runtimes, absolute and relative to each
+output's span (its data range for min-max scalers). Rows are processed in chunks, so
+memory stays bounded however many rows are checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normexport import io
+from normexport.errors import DataError, FormatError, NormexportError, first_line
+from normexport.mxparams import read_params
+from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler, scalers_from_dict
+
+DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-12}
+CHUNK_ROWS = 65536
+REFERENCE_ROWS = 256  # onnx.reference is a slow pure-Python runtime: a sample suffices
+RANDOM_ROWS = 1024  # rows drawn when no data is given
+
+
+@dataclass
+class PairResult:
+    """Disagreement between two runtimes over the rows both ran."""
+
+    a: str
+    b: str
+    rows: int
+    max_abs: dict[str, float]
+    max_rel: dict[str, float]
+    ok: bool
+
+
+@dataclass
+class VerificationReport:
+    """Structured, JSON-serializable result of :func:`verify_directory`."""
+
+    ok: bool
+    dtype: str
+    rtol: float
+    rows: int
+    data_rows: int
+    edge_rows: int
+    outputs: list[str]
+    output_span: dict[str, float]
+    runtimes: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    pairs: list[PairResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "normexport.verification/1", **asdict(self)}
+
+    def summary(self) -> dict[str, Any]:
+        """The compact form stored in ``manifest.json``."""
+        worst = max((max(p.max_rel.values()) for p in self.pairs), default=0.0)
+        return {
+            "ok": self.ok,
+            "rows": self.rows,
+            "rtol": self.rtol,
+            "runtimes": self.runtimes,
+            "skipped": self.skipped,
+            "max_rel_error": worst,
+        }
+
+    def table(self) -> str:
+        """A readable table: one line per runtime pair and output."""
+        lines = [
+            f"verification: {self.rows} rows ({self.data_rows} data + {self.edge_rows} edge), "
+            f"{self.dtype}, tolerance {self.rtol:g} of each output's span",
+            f"{'runtime pair':<30} {'rows':>7}  {'output':<10} {'max abs err':>12} "
+            f"{'max rel err':>12}",
+        ]
+        for pair in self.pairs:
+            for name in self.outputs:
+                rel = pair.max_rel[name]
+                flag = "ok" if rel <= self.rtol else "MISMATCH"
+                lines.append(
+                    f"{pair.a + ' vs ' + pair.b:<30} {pair.rows:>7}  {name:<10} "
+                    f"{pair.max_abs[name]:>12.3g} {rel:>12.3g}  {flag}"
+                )
+        for runtime, reason in self.skipped.items():
+            lines.append(f"skipped {runtime}: {reason}")
+        lines.append("result: " + ("PASS" if self.ok else "FAIL"))
+        return "\n".join(lines)
+
+
+Runtime = Callable[[np.ndarray], np.ndarray]
+
+
+# ------------------------------------------------------------------------------- runtimes
+
+
+def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for bad files
+        raise FormatError(f"{path}: onnxruntime cannot load the model: {first_line(exc)}") from exc
+    name = session.get_inputs()[0].name
+    return lambda X: session.run(None, {name: X})[0]
+
+
+def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(path))
+    evaluator = ReferenceEvaluator(model)
+    name = model.graph.input[0].name
+    return lambda X: evaluator.run(None, {name: X})[0]
+
+
+def mxnet_runtime(directory: Path, dtype: str) -> Runtime:
+    import warnings
+
+    import mxnet as mx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block = mx.gluon.SymbolBlock.imports(
+            str(io.symbol_file(directory, io.MODEL_PREFIX)),
+            ["data"],
+            str(io.params_file(directory, io.MODEL_PREFIX)),
+        )
+    return lambda X: block(mx.nd.array(X, dtype=dtype)).asnumpy()
+
+
+class NumpyNet:
+    """Forward pass of an MXNet symbol's Dense-network subset, in NumPy only."""
+
+    def __init__(self, symbol_path: Path, params_path: Path) -> None:
+        doc = io.read_json(symbol_path)
+        if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+            raise FormatError(f"{symbol_path}: not an MXNet symbol file")
+        self.nodes: list[dict[str, Any]] = doc["nodes"]
+        self.head = int(doc["heads"][0][0])
+        params = read_params(params_path)
+        self.params = {k.split(":", 1)[-1]: v for k, v in params.items()}
+        for node in self.nodes:
+            if node["op"] not in _NUMPY_OPS:
+                raise NotImplementedError(f"the NumPy reference has no {node['op']} op")
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        values: list[np.ndarray] = []
+        with np.errstate(over="ignore"):
+            for node in self.nodes:
+                args = [values[ref[0]] for ref in node.get("inputs", [])]
+                if node["op"] == "null":
+                    values.append(self.params.get(node["name"], X).astype(X.dtype, copy=False))
+                else:
+                    values.append(_NUMPY_OPS[node["op"]](args, node.get("attrs", {})))
+        return values[self.head]
+
+
+def _fully_connected(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    x = args[0]
+    if attrs.get("flatten", "True") in ("True", "true", "1"):
+        x = x.reshape(x.shape[0], -1)
+    y = x @ args[1].T
+    if attrs.get("no_bias", "False") not in ("True", "true", "1"):
+        y = y + args[2]
+    return y
+
+
+def _activation(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    x, kind = args[0], attrs.get("act_type")
+    one = x.dtype.type(1)
+    if kind == "sigmoid":
+        return one / (one + np.exp(-x))
+    if kind == "tanh":
+        return np.tanh(x)
+    if kind == "relu":
+        return np.maximum(x, 0)
+    if kind == "softrelu":
+        return np.logaddexp(x.dtype.type(0), x)
+    raise NotImplementedError(f"the NumPy reference has no {kind} activation")
+
+
+_NUMPY_OPS: dict[str, Callable[[list[np.ndarray], dict[str, str]], np.ndarray]] = {
+    "null": lambda args, attrs: args[0],
+    "FullyConnected": _fully_connected,
+    "Activation": _activation,
+    "broadcast_mul": lambda args, attrs: args[0] * args[1],
+    "broadcast_add": lambda args, attrs: args[0] + args[1],
+    "elemwise_mul": lambda args, attrs: args[0] * args[1],
+    "elemwise_add": lambda args, attrs: args[0] + args[1],
+    "Flatten": lambda args, attrs: args[0].reshape(args[0].shape[0], -1),
+    "sigmoid": lambda args, attrs: _activation(args, {"act_type": "sigmoid"}),
+    "tanh": lambda args, attrs: np.tanh(args[0]),
+    "relu": lambda args, attrs: np.maximum(args[0], 0),
+}
+
+
+def numpy_runtime(directory: Path, in_scaler: AffineScaler, out_scaler: AffineScaler) -> Runtime:
+    """normalize (scalers.json) → plain net (net-*) → de-normalize, all in NumPy."""
+    net = NumpyNet(
+        io.symbol_file(directory, io.NET_PREFIX), io.params_file(directory, io.NET_PREFIX)
+    )
+    return lambda X: out_scaler.inverse_transform(net(in_scaler.transform(X)))
+
+
+# ------------------------------------------------------------------------------- rows
+
+
+def edge_rows(scaler: AffineScaler) -> np.ndarray:
+    """Each column at its minimum, maximum, midpoint and 50% beyond either end.
+
+    One row with every column at the same landmark, then, per column, rows with that
+    column at each landmark and the others at their midpoints.
+    """
+    low, high = _training_box(scaler)
+    width = high - low
+    landmarks = [low, high, (low + high) / 2, low - width / 2, high + width / 2]
+    rows = [mark for mark in landmarks]
+    mid = (low + high) / 2
+    for j in range(low.size):
+        for mark in landmarks:
+            row = mid.copy()
+            row[j] = mark[j]
+            rows.append(row)
+    return np.unique(np.array(rows), axis=0)
+
+
+def random_rows(scaler: AffineScaler, n: int, seed: int = 0) -> np.ndarray:
+    """Uniform rows over the training box (used when no data is given)."""
+    low, high = _training_box(scaler)
+    return np.random.default_rng(seed).uniform(low, high, size=(n, low.size))
+
+
+def _training_box(scaler: AffineScaler) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(scaler, MinMaxScaler):
+        return scaler.data_min_, scaler.data_max_
+    if isinstance(scaler, StandardScaler):
+        return scaler.mean_ - 2 * scaler.std_, scaler.mean_ + 2 * scaler.std_
+    # Given factors: the raw values that map to 0 and 1 in normalized space.
+    ends = scaler.inverse_transform(
+        np.array([[0.0] * scaler.n_features_in_, [1.0] * scaler.n_features_in_])
+    )
+    return ends.min(axis=0), ends.max(axis=0)
+
+
+def _chunks(X: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, X.shape[0], size):
+        yield X[start : start + size]
+
+
+# ------------------------------------------------------------------------------- verify
+
+
+def compare(
+    runtimes: dict[str, Runtime],
+    X: np.ndarray,
+    *,
+    outputs: list[str],
+    span: np.ndarray,
+    dtype: str,
+    rtol: float,
+    sample_only: frozenset[str] = frozenset(),
+    chunk_rows: int = CHUNK_ROWS,
+) -> list[PairResult]:
+    """Run ``X`` through every runtime chunk by chunk; collect per-pair maximum errors.
+
+    Runtimes in ``sample_only`` see only the first :data:`REFERENCE_ROWS` rows.
+    """
+    names = list(runtimes)
+    pairs = list(itertools.combinations(names, 2))
+    worst = {p: np.zeros(len(outputs)) for p in pairs}
+    counted = dict.fromkeys(pairs, 0)
+    seen = 0
+    for chunk in _chunks(X.astype(dtype), chunk_rows):
+        results = {}
+        for name in names:
+            part = chunk
+            if name in sample_only:
+                part = chunk[: max(0, REFERENCE_ROWS - seen)]
+                if not len(part):
+                    continue
+            out = np.asarray(runtimes[name](part), dtype=np.float64)
+            if out.shape != (part.shape[0], len(outputs)):
+                raise NormexportError(
+                    f"{name} returned shape {out.shape}, expected {(part.shape[0], len(outputs))}"
+                )
+            results[name] = out
+        for a, b in pairs:
+            if a in results and b in results:
+                n = min(len(results[a]), len(results[b]))
+                diff = np.abs(results[a][:n] - results[b][:n])
+                diff[np.isnan(diff)] = np.inf
+                worst[(a, b)] = np.maximum(worst[(a, b)], diff.max(axis=0, initial=0.0))
+                counted[(a, b)] += n
+        seen += chunk.shape[0]
+    results_list = []
+    for a, b in pairs:
+        rel = worst[(a, b)] / span
+        results_list.append(
+            PairResult(
+                a=a,
+                b=b,
+                rows=counted[(a, b)],
+                max_abs=dict(zip(outputs, worst[(a, b)].tolist(), strict=True)),
+                max_rel=dict(zip(outputs, rel.tolist(), strict=True)),
+                ok=bool(np.all(rel <= rtol)),
+            )
+        )
+    return results_list
+
+
+def verify_directory(
+    directory: str | os.PathLike[str],
+    X: np.ndarray | None = None,
+    *,
+    rows: int | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    chunk_rows: int = CHUNK_ROWS,
+) -> VerificationReport:
+    """Verify a model directory on ``X`` (raw input rows) plus edge rows.
+
+    ``rows=N`` samples N of the given rows. Without ``X``, random rows over the training
+    range are used. ``rtol`` overrides the per-dtype tolerance on range-relative error.
+    """
+    directory = Path(directory)
+    onnx_path = directory / io.ONNX_FILE
+    if not onnx_path.is_file():
+        raise NormexportError(f"{onnx_path}: no such file; run `normexport export {directory}`")
+    in_scaler, out_scaler, dtype = scalers_from_dict(
+        io.read_json(directory / io.SCALERS_FILE), str(directory / io.SCALERS_FILE)
+    )
+    if X is None:
+        data = random_rows(in_scaler, RANDOM_ROWS, seed)
+    else:
+        data = np.asarray(X, dtype=np.float64)
+        if data.ndim != 2 or data.shape[1] != in_scaler.n_features_in_:
+            raise DataError(
+                f"verification rows must have {in_scaler.n_features_in_} columns "
+                f"({', '.join(in_scaler.columns_)}), got shape {data.shape}"
+            )
+    if rows is not None:
+        if rows < 1:
+            raise DataError(f"rows must be >= 1, got {rows}")
+        if rows < data.shape[0]:
+            pick = np.random.default_rng(seed).choice(data.shape[0], rows, replace=False)
+            data = data[np.sort(pick)]
+    edges = edge_rows(in_scaler)
+    all_rows = np.concatenate([edges, data])  # edges first: onnx.reference's sample has them
+
+    runtimes: dict[str, Runtime] = {"onnxruntime": onnxruntime_runtime(onnx_path)}
+    skipped: dict[str, str] = {}
+    for name, make in (
+        ("mxnet", lambda: mxnet_runtime(directory, dtype)),
+        ("numpy", lambda: numpy_runtime(directory, in_scaler, out_scaler)),
+        ("onnx.reference", lambda: onnx_reference_runtime(onnx_path)),
+    ):
+        try:
+            runtimes[name] = make()
+        except (ImportError, NotImplementedError, NormexportError, OSError) as exc:
+            skipped[name] = first_line(exc)
+    tolerance = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
+    span = out_scaler.span()
+    pairs = compare(
+        runtimes,
+        all_rows,
+        outputs=list(out_scaler.columns_),
+        span=span,
+        dtype=dtype,
+        rtol=tolerance,
+        sample_only=frozenset({"onnx.reference"}),
+        chunk_rows=chunk_rows,
+    )
+    return VerificationReport(
+        ok=all(p.ok for p in pairs) and len(runtimes) >= 2,
+        dtype=dtype,
+        rtol=tolerance,
+        rows=int(all_rows.shape[0]),
+        data_rows=int(data.shape[0]),
+        edge_rows=int(edges.shape[0]),
+        outputs=list(out_scaler.columns_),
+        output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
+        runtimes=list(runtimes),
+        skipped=skipped,
+        pairs=pairs,
+    )
+
+
+def report_json(report: VerificationReport) -> str:
+    return json.dumps(report.to_dict(), indent=2)
