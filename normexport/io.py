@@ -256,3 +256,56 @@ def write_csv(path: str | os.PathLike[str], columns: Sequence[str], values: np.n
         writer.writerow(columns)
         for row in values.tolist():
             writer.writerow([repr(v) for v in row])
+
+
+# --------------------------------------------------------------------------- side files
+
+MAX_FACTORS_BYTES = 16 * 1024 * 1024
+
+
+def load_factors(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a side file of ``(scale, shift)`` rows: ``.npy`` (no pickles) or text.
+
+    Text is what ``numpy.savetxt`` writes: one row per line, whitespace- or
+    comma-separated, ``#`` comments.
+    """
+    path = Path(path)
+    raw = read_small_file(path, MAX_FACTORS_BYTES)
+    if path.suffix == ".npy" or raw.startswith(b"\x93NUMPY"):
+        import io as _bytesio
+
+        try:
+            array = np.load(_bytesio.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise FormatError(f"{path}: not a readable .npy array of numbers ({exc})") from exc
+    else:
+        if raw.startswith(_PICKLE_MAGIC):
+            raise FormatError(f"{path}: looks like a Python pickle; expected text or .npy")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{path}: not a text file of numbers or a .npy array") from None
+        try:
+            delimiter = "," if "," in text else None
+            array = np.loadtxt(text.splitlines(), delimiter=delimiter, ndmin=2)
+        except ValueError as exc:
+            raise FormatError(f"{path}: not a table of numbers ({first_line_of(exc)})") from exc
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise FormatError(f"{path}: holds {array.dtype} values, expected real numbers")
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise FormatError(
+            f"{path}: expected rows of (scale, shift), shape (n_inputs + n_outputs, 2); "
+            f"got shape {array.shape}"
+        )
+    for row, (scale, shift) in enumerate(array):
+        if not np.isfinite(scale) or scale == 0 or not np.isfinite(shift):
+            raise FormatError(
+                f"{path}: row {row + 1}: scale {scale} and shift {shift} must be finite, "
+                "scale non-zero"
+            )
+    return array
+
+
+def first_line_of(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

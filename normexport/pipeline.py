@@ -248,9 +248,10 @@ def _write_export(
 
 def _write_manifest(stage: Path, fields: dict[str, Any]) -> None:
     files = {}
+    nested = {d.name for d in stage.iterdir() if _is_model_directory(d)}
     for path in sorted(p for p in stage.rglob("*") if p.is_file()):
         rel = path.relative_to(stage).as_posix()
-        if rel != io.MANIFEST_FILE:
+        if rel != io.MANIFEST_FILE and rel.split("/")[0] not in nested:
             files[rel] = {"sha256": io.sha256_file(path), "bytes": path.stat().st_size}
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -343,7 +344,9 @@ def _swap_in(stage: Path, target: Path) -> None:
 
 
 def _is_model_directory(path: Path) -> bool:
-    return (path / io.MANIFEST_FILE).is_file() or (path / io.SCALERS_FILE).is_file()
+    return path.is_dir() and (
+        (path / io.MANIFEST_FILE).is_file() or (path / io.SCALERS_FILE).is_file()
+    )
 
 
 def repair(target: Path) -> None:
@@ -363,3 +366,204 @@ def repair(target: Path) -> None:
             os.replace(old, target)
         else:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def export_files(
+    symbol: str | os.PathLike[str],
+    params: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    scalers: str | os.PathLike[str] | None = None,
+    factors: str | os.PathLike[str] | None = None,
+    mode: str = "splice",
+    opset: int = 13,
+) -> Path:
+    """Export a checkpoint trained elsewhere, with a ``scalers.json`` or a factors file."""
+    from normexport import checkpoint as ckpt
+    from normexport import graph
+    from normexport.scaling import factors_to_scalers
+
+    if (scalers is None) == (factors is None):
+        raise DataError("give exactly one of scalers or factors")
+    model = ckpt.load_checkpoint(symbol, params)
+    if scalers is not None:
+        in_scaler, out_scaler, dtype = load_scalers(scalers)
+        net_dtype = graph.describe(model, in_scaler.n_features_in_).dtype
+        if dtype != net_dtype:
+            raise GraphError(
+                f"{scalers}: dtype is {dtype}, but the network's parameters in {params} are "
+                f"{net_dtype}"
+            )
+    else:
+        assert factors is not None
+        info = graph.describe(model)
+        in_scaler, out_scaler = factors_to_scalers(
+            io.load_factors(factors), info.n_inputs, info.n_outputs, str(factors)
+        )
+    return export(model, in_scaler, out_scaler, out_dir, mode=mode, opset=opset)
+
+
+def describe_directory(model_dir: str | os.PathLike[str]) -> str:
+    """A few lines for the terminal: mode, verification, files and sizes."""
+    model_dir = Path(model_dir)
+    manifest = _read_manifest(model_dir) or {}
+    lines = [f"model directory {model_dir}/"]
+    if "mode" in manifest:
+        fold = manifest.get("fold") or {}
+        sides = ", ".join(f"{k} {v}" for k, v in fold.items() if not k.endswith("_reason"))
+        lines.append(
+            f"  mode {manifest['mode']} ({sides}), opset {manifest.get('opset')}, "
+            f"{manifest.get('dtype')}"
+        )
+        for side in ("input", "output"):
+            reason = fold.get(f"{side}_reason")
+            if reason:
+                lines.append(f"  {side} side spliced, not folded: {reason}")
+    check = manifest.get("verification")
+    if check:
+        lines.append(
+            f"  verified on {check['rows']} rows with {', '.join(check['runtimes'])}: "
+            f"max range-relative error {check['max_rel_error']:.3g} "
+            f"(tolerance {check['rtol']:g}) {'PASS' if check['ok'] else 'FAIL'}"
+        )
+    for name, entry in sorted(manifest.get("files", {}).items()):
+        lines.append(f"  {name:<24} {_human(entry['bytes']):>10}")
+    return "\n".join(lines)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _model_scalers(path: Path) -> tuple[AffineScaler, AffineScaler, str]:
+    """Scalers of a model directory (``scalers.json``) or ONNX file (its metadata)."""
+    if path.is_dir():
+        return load_scalers(path / io.SCALERS_FILE)
+    from normexport.to_onnx import load_onnx, read_metadata
+
+    meta = read_metadata(load_onnx(path, with_weights=False))
+    if "normexport.scalers" not in meta:
+        raise NormexportError(f"{path}: has no normexport.scalers metadata; bake it first")
+    import json
+
+    return scalers_from_dict(json.loads(meta["normexport.scalers"]), f"{path}: metadata")
+
+
+def load_input_rows(model: str | os.PathLike[str], data_csv: str | os.PathLike[str]) -> np.ndarray:
+    in_scaler, _, _ = _model_scalers(Path(model))
+    return io.load_columns(data_csv, in_scaler.columns_)
+
+
+def predict_csv(
+    model: str | os.PathLike[str], data_csv: str | os.PathLike[str], out_csv: str | None
+) -> np.ndarray:
+    """Run ``model.onnx`` on the CSV's input columns; write the target columns by name."""
+    import sys
+
+    from normexport.verification import CHUNK_ROWS, onnxruntime_runtime
+
+    path = Path(model)
+    onnx_path = path / io.ONNX_FILE if path.is_dir() else path
+    if not onnx_path.is_file():
+        raise NormexportError(f"{onnx_path}: no such file")
+    in_scaler, out_scaler, dtype = _model_scalers(path)
+    X = io.load_columns(data_csv, in_scaler.columns_)
+    run = onnxruntime_runtime(onnx_path)
+    Y = np.concatenate(
+        [run(X[i : i + CHUNK_ROWS].astype(dtype)) for i in range(0, X.shape[0], CHUNK_ROWS)]
+    )
+    if out_csv:
+        io.write_csv(out_csv, out_scaler.columns_, Y)
+    else:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(out_scaler.columns_)
+        writer.writerows([repr(v) for v in row] for row in Y.tolist())
+    return Y
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-ready summary of a model directory or an ONNX file."""
+    from normexport.to_onnx import summarize
+
+    path = Path(path)
+    if not path.exists():
+        raise NormexportError(f"{path}: no such file or directory")
+    summary: dict[str, Any] = {"path": str(path)}
+    if path.is_dir():
+        if not _is_model_directory(path):
+            raise NormexportError(f"{path}: not a normexport model directory")
+        manifest = _read_manifest(path)
+        if manifest:
+            summary["manifest"] = {k: v for k, v in manifest.items() if k != "training"}
+            training = manifest.get("training")
+            if training:
+                summary["training"] = {k: v for k, v in training.items() if k != "history"}
+        if (path / io.SCALERS_FILE).is_file():
+            summary["scalers"] = io.read_json(path / io.SCALERS_FILE)
+        if (path / io.ONNX_FILE).is_file():
+            summary["onnx"] = summarize(path / io.ONNX_FILE)
+    else:
+        summary["onnx"] = summarize(path)
+        if "scalers" in summary["onnx"]:
+            summary["scalers"] = summary["onnx"].pop("scalers")
+    return summary
+
+
+def format_inspection(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['path']}"]
+    onnx_info = summary.get("onnx")
+    if onnx_info:
+        lines.append(
+            f"ONNX: opset {onnx_info['opset']}, IR {onnx_info['ir_version']}, producer "
+            f"{onnx_info['producer']}, graph {onnx_info['graph']!r}"
+        )
+        for kind in ("inputs", "outputs"):
+            for value in onnx_info[kind]:
+                lines.append(f"  {kind[:-1]:<7} {value['name']} {value['type']} {value['shape']}")
+        ops = ", ".join(f"{op}×{n}" for op, n in onnx_info["ops"].items())
+        lines.append(f"  ops     {ops}")
+        lines.append(
+            f"  weights {onnx_info['parameters']} values in {onnx_info['initializers']} "
+            "initializers"
+        )
+        for key, value in onnx_info["metadata"].items():
+            lines.append(f"  meta    {key} = {value}")
+    manifest = summary.get("manifest")
+    if manifest and "mode" in manifest:
+        lines.append(
+            f"manifest: mode {manifest['mode']}, fold {manifest.get('fold')}, "
+            f"verification {'PASS' if manifest['verification']['ok'] else 'FAIL'}"
+        )
+    training = summary.get("training")
+    if training:
+        rmse = ", ".join(f"{k} {v:.4g}" for k, v in training["holdout_rmse"].items())
+        lines.append(
+            f"training: best epoch {training['best_epoch']} of "
+            f"{training['epochs_run']}, hold-out RMSE {rmse}"
+        )
+    scalers = summary.get("scalers")
+    if scalers:
+        lines.append(f"scalers ({scalers['dtype']}):")
+        for side in ("inputs", "outputs"):
+            doc = scalers[side]
+            for i, name in enumerate(doc["columns"]):
+                stats = ""
+                if doc["kind"] == "minmax":
+                    stats = f"range [{doc['data_min'][i]:.6g}, {doc['data_max'][i]:.6g}]"
+                elif doc["kind"] == "standard":
+                    stats = f"mean {doc['mean'][i]:.6g} std {doc['std'][i]:.6g}"
+                lines.append(
+                    f"  {side[:-1]:<6} {name:<12} {doc['kind']:<8} {stats:<34} "
+                    f"scale {doc['scale'][i]:.6g} shift {doc['shift'][i]:.6g}"
+                )
+    return "\n".join(lines)

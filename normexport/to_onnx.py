@@ -377,3 +377,83 @@ def convert(
     written = save_model(model, out_path, chunks)
     check(out_path)
     return written
+
+
+# --------------------------------------------------------------------------- reading
+
+MAX_ONNX_BYTES = 64 * 1024**3
+
+
+def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file with a clear error for missing, garbage or truncated files."""
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GraphError(f"{path}: no such file")
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise GraphError(f"{path}: larger than {MAX_ONNX_BYTES} bytes")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise GraphError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
+    if not model.graph.node and not model.graph.input:
+        raise GraphError(f"{path}: not an ONNX model (no graph)")
+    if with_weights:
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                location = next(e.value for e in tensor.external_data if e.key == "location")
+                if not (path.parent / location).is_file():
+                    raise GraphError(f"{path}: external data file {location} is missing")
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise GraphError(f"{path}: cannot read external data ({first_line(exc)})") from exc
+    return model
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Interface, ops, weights and metadata of an ONNX file (weights are not loaded)."""
+    from collections import Counter
+
+    model = load_onnx(path, with_weights=False)
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+
+    def value(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = v.type.tensor_type
+        dims = [
+            d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
+            for d in tensor.shape.dim
+        ]
+        return {
+            "name": v.name,
+            "type": TensorProto.DataType.Name(tensor.elem_type),
+            "shape": dims,
+        }
+
+    meta = read_metadata(model)
+    summary: dict[str, Any] = {
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "graph": graph.name,
+        "inputs": [value(v) for v in graph.input if v.name not in inits],
+        "outputs": [value(v) for v in graph.output],
+        "ops": dict(Counter(n.op_type for n in graph.node)),
+        "initializers": len(graph.initializer),
+        "parameters": int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer)),
+        "metadata": {k: v for k, v in meta.items() if k != "normexport.scalers"},
+    }
+    if "normexport.scalers" in meta:
+        try:
+            summary["scalers"] = json.loads(meta["normexport.scalers"])
+        except json.JSONDecodeError:
+            summary["metadata"]["normexport.scalers"] = "(not valid JSON)"
+    return summary

@@ -1,0 +1,356 @@
+"""The ``normexport`` command line: ``main(argv=None) -> int``.
+
+Exit status: 0 success, 1 verification found a mismatch, 2 user error (one line on
+stderr, no traceback; ``--debug`` shows it), 3 internal error (a bug: please report it).
+Each verb imports its stage lazily, so ``normexport --help`` never loads MXNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from normexport import __version__
+from normexport.errors import NormexportError, VerificationError, first_line
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class UserError(NormexportError):
+    """A command-line usage error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (``normexport: error: ...``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def _columns(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of names")
+    return names
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like 32,32") from None
+    if not all(0 < s <= 1 << 16 for s in sizes):
+        raise argparse.ArgumentTypeError(f"hidden sizes must be 1..65536, got {text!r}")
+    return sizes
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = _Parser(
+        prog="normexport",
+        description="Ship a regression network with its normalization baked into the "
+        "MXNet model and its ONNX export.",
+        epilog="Run 'normexport VERB --help' for each verb's options and an example.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"normexport {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+
+    def verb(name: str, summary: str, example: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog="example:\n" + textwrap.indent(example, "  "),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+
+    p = verb(
+        "train",
+        "Train a plain Dense network on normalized data into a model directory.",
+        "normexport train data.csv --inputs temp_k,strain,frac --targets load,offset "
+        "--out model_dir",
+    )
+    p.add_argument("data", metavar="DATA.csv", help="CSV file with a header row")
+    p.add_argument("--inputs", required=True, type=_columns, help="input columns, A,B,C")
+    p.add_argument("--targets", required=True, type=_columns, help="target columns, U,V")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--hidden", type=_sizes, default=[32, 32, 32], help="hidden widths (32,32,32)")
+    p.add_argument(
+        "--activation", choices=["sigmoid", "tanh", "relu", "softrelu"], default="sigmoid"
+    )
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--scaler", choices=["minmax", "standard"], default="minmax")
+    p.add_argument("--epochs", type=_positive(int), default=200)
+    p.add_argument("--batch-size", type=_positive(int), default=32)
+    p.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
+    p.add_argument("--val-fraction", type=_fraction, default=0.2, help="hold-out share (0.2)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verb(
+        "export",
+        "Splice (or fold) the normalization into the network; write MXNet and ONNX models.",
+        "normexport export model_dir --mode fold\n"
+        "normexport export --symbol net-symbol.json --params net-0000.params "
+        "--factors factors.txt --out model_dir",
+    )
+    p.add_argument("dir", nargs="?", metavar="DIR", help="a directory written by 'train'")
+    p.add_argument("--symbol", metavar="F", help="symbol JSON of a network trained elsewhere")
+    p.add_argument("--params", metavar="F", help="its .params file")
+    p.add_argument("--scalers", metavar="F", help="scalers.json with the normalization")
+    p.add_argument(
+        "--factors",
+        metavar="F",
+        help="side file of (scale, shift) rows: n_inputs normalizing rows, then "
+        "n_outputs de-normalizing rows (text or .npy)",
+    )
+    p.add_argument("--out", metavar="DIR", help="model directory to write (with --symbol)")
+    p.add_argument("--mode", choices=["splice", "fold"], default="splice")
+    p.add_argument("--opset", type=int, default=13, help="ONNX opset (13)")
+
+    p = verb(
+        "verify",
+        "Check that MXNet, onnxruntime, NumPy and onnx.reference agree on the model.",
+        "normexport verify model_dir --data data.csv --rows 10000",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--data", metavar="DATA.csv", help="rows to check (default: random rows)")
+    p.add_argument("--rows", type=_positive(int), help="sample N of the data rows")
+    p.add_argument("--rtol", type=_positive(float), help="tolerance on range-relative error")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = verb(
+        "predict",
+        "Run model.onnx on the raw input columns of a CSV; write the target columns.",
+        "normexport predict model_dir data.csv --out predictions.csv",
+    )
+    p.add_argument("dir", metavar="DIR", help="model directory or model .onnx file")
+    p.add_argument("data", metavar="DATA.csv")
+    p.add_argument("--out", metavar="OUT.csv", help="output CSV (default: standard output)")
+
+    p = verb(
+        "inspect",
+        "Summarize a model directory or ONNX file: graph, metadata, embedded scalers.",
+        "normexport inspect model_dir/model.onnx",
+    )
+    p.add_argument("path", metavar="DIR|MODEL.onnx")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = verb(
+        "bake",
+        "Bake normalization into any ONNX regression model (PyTorch, Keras, sklearn, ...).",
+        "normexport bake model.onnx --factors factors.txt --out baked.onnx --mode fold",
+    )
+    p.add_argument("model", metavar="MODEL.onnx")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--factors", metavar="F", help="side file of (scale, shift) rows")
+    source.add_argument("--scalers", metavar="F", help="scalers.json")
+    p.add_argument("--out", required=True, metavar="OUT.onnx")
+    p.add_argument("--mode", choices=["splice", "fold"], default="splice")
+    p.add_argument("--opset", type=int, help="convert to this opset (default: keep)")
+    p.add_argument("--rename", action="store_true", help="name the input/output input/output")
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--data", metavar="DATA.csv", help="rows for verification")
+
+    p = verb(
+        "demo",
+        "Train, export (splice and fold) and verify on the bundled Munsell data.",
+        "normexport demo --out munsell_model",
+    )
+    p.add_argument("--out", metavar="DIR", default="normexport-demo", help="(normexport-demo)")
+    p.add_argument("--epochs", type=_positive(int), help="training epochs (demo default)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return int(_VERBS[args.verb](args) or EXIT_OK)
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    except VerificationError as exc:
+        if debug:
+            raise
+        print(f"normexport: {exc}", file=sys.stderr)
+        return EXIT_MISMATCH
+    except KeyboardInterrupt:
+        print("normexport: interrupted", file=sys.stderr)
+        return 130
+    except NormexportError as exc:
+        if debug:
+            raise
+        print(f"normexport: error: {first_line(exc)}", file=sys.stderr)
+        return EXIT_USER
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"normexport: internal error: {type(exc).__name__}: {first_line(exc)} "
+            "(run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def _train(args: argparse.Namespace) -> int:
+    from normexport.pipeline import train_to_directory
+
+    result = train_to_directory(
+        args.data,
+        args.inputs,
+        args.targets,
+        args.out,
+        scaler=args.scaler,
+        hidden=args.hidden,
+        activation=args.activation,
+        dtype=args.dtype,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+    print(f"trained {args.activation} net {args.hidden} ({args.dtype}) in {result.seconds:.1f} s")
+    print(f"best epoch {result.best_epoch} of {len(result.history)}; hold-out RMSE (raw units):")
+    for name, rmse in result.holdout_rmse.items():
+        print(
+            f"  {name:<12} {rmse:.6g}  ({100 * result.holdout_rmse_relative[name]:.3f}% of range)"
+        )
+    print(f"wrote {args.out}; next: normexport export {args.out}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from normexport import pipeline
+
+    if args.dir and (args.symbol or args.params or args.out or args.scalers or args.factors):
+        raise UserError("give either DIR or --symbol/--params/--out with --scalers or --factors")
+    if args.dir:
+        out = pipeline.export_directory(args.dir, mode=args.mode, opset=args.opset)
+    else:
+        missing = [f for f in ("symbol", "params", "out") if not getattr(args, f)]
+        if missing:
+            raise UserError(f"give DIR, or --symbol, --params and --out (missing --{missing[0]})")
+        if bool(args.scalers) == bool(args.factors):
+            raise UserError("give exactly one of --scalers or --factors with --symbol")
+        out = pipeline.export_files(
+            args.symbol,
+            args.params,
+            args.out,
+            scalers=args.scalers,
+            factors=args.factors,
+            mode=args.mode,
+            opset=args.opset,
+        )
+    print(pipeline.describe_directory(out))
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from normexport import pipeline
+
+    X = pipeline.load_input_rows(args.dir, args.data) if args.data else None
+    report = pipeline.verify(args.dir, X, rows=args.rows, rtol=args.rtol)
+    if args.json:
+        from normexport.verification import report_json
+
+        print(report_json(report))
+    else:
+        print(report.table())
+    return EXIT_OK if report.ok else EXIT_MISMATCH
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from normexport import pipeline
+
+    pipeline.predict_csv(args.dir, args.data, args.out)
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from normexport import pipeline
+
+    summary = pipeline.inspect(args.path)
+    if args.json:
+        import json
+
+        print(json.dumps(summary, indent=2))
+    else:
+        print(pipeline.format_inspection(summary))
+    return EXIT_OK
+
+
+def _bake(args: argparse.Namespace) -> int:
+    from normexport.baking import bake
+
+    result = bake(
+        args.model,
+        args.out,
+        factors=args.factors,
+        scalers=args.scalers,
+        mode=args.mode,
+        opset=args.opset,
+        rename=args.rename,
+        verify=not args.no_verify,
+        data=args.data,
+    )
+    if result.report is not None:
+        print(result.report.table())
+    print(f"wrote {args.out} ({result.plan})")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from normexport.demo import run_demo
+
+    print(run_demo(Path(args.out), epochs=args.epochs))
+    return EXIT_OK
+
+
+_VERBS = {
+    "train": _train,
+    "export": _export,
+    "verify": _verify,
+    "predict": _predict,
+    "inspect": _inspect,
+    "bake": _bake,
+    "demo": _demo,
+}
