@@ -225,6 +225,7 @@ def _write_export(
         model,
         stage / io.ONNX_FILE,
         n_inputs=info.n_inputs,
+        n_outputs=info.n_outputs,
         dtype=info.dtype,
         opset=opset,
         metadata=to_onnx.metadata_entries(mode, scalers, fold),

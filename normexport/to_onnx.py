@@ -158,6 +158,22 @@ def rename_io(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def declare_shapes(n_inputs: int, n_outputs: int) -> Pass:
+    """Declare ``[batch, n_inputs]`` and ``[batch, n_outputs]`` (the exporter leaves the
+    output's dims unknown)."""
+
+    def apply(model: onnx.ModelProto) -> onnx.ModelProto:
+        model = _copy(model)
+        for value, width in ((model.graph.input[0], n_inputs), (model.graph.output[0], n_outputs)):
+            shape = value.type.tensor_type.shape
+            del shape.dim[:]
+            shape.dim.add().dim_param = BATCH
+            shape.dim.add().dim_value = width
+        return model
+
+    return apply
+
+
 def drop_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Initializers are constants, not graph inputs (IR >= 4); listing them invites overrides."""
     model = _copy(model)
@@ -195,6 +211,41 @@ def drop_redundant_flatten(model: onnx.ModelProto) -> onnx.ModelProto:
         keep.append(node)
     del model.graph.node[:]
     model.graph.node.extend(keep)
+    return model
+
+
+SOFTPLUS_EXPANSION = ["Relu", "Abs", "Neg", "Exp", "Add", "Log", "Add"]
+
+
+def expand_double_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite double ``Softplus`` (which onnxruntime does not implement) in basic ops.
+
+    ``softplus(x) = relu(x) + log(1 + exp(-|x|))``: stable for any ``x`` and within an
+    ulp-scale absolute error of ``log1p``; float32 graphs are left alone.
+    """
+    if model.graph.input[0].type.tensor_type.elem_type != TensorProto.DOUBLE:
+        return model
+    model = _copy(model)
+    one = "normexport_one"
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Softplus":
+            nodes.append(node)
+            continue
+        x, y, p = node.input[0], node.output[0], f"{node.name or node.output[0]}_normexport"
+        nodes += [
+            helper.make_node("Relu", [x], [f"{p}_relu"], name=f"{p}_relu"),
+            helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"),
+            helper.make_node("Neg", [f"{p}_abs"], [f"{p}_neg"], name=f"{p}_neg"),
+            helper.make_node("Exp", [f"{p}_neg"], [f"{p}_exp"], name=f"{p}_exp"),
+            helper.make_node("Add", [f"{p}_exp", one], [f"{p}_1p"], name=f"{p}_1p"),
+            helper.make_node("Log", [f"{p}_1p"], [f"{p}_log"], name=f"{p}_log"),
+            helper.make_node("Add", [f"{p}_relu", f"{p}_log"], [y], name=f"{p}_add"),
+        ]
+    if len(nodes) != len(model.graph.node):
+        model.graph.initializer.append(helper.make_tensor(one, TensorProto.DOUBLE, [], [1.0]))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     return model
 
 
@@ -242,19 +293,28 @@ def set_metadata(entries: dict[str, str]) -> Pass:
 
 
 def post_process(
-    model: onnx.ModelProto, *, opset: int, metadata: dict[str, str]
+    model: onnx.ModelProto,
+    *,
+    opset: int,
+    metadata: dict[str, str],
+    n_outputs: int | None = None,
 ) -> onnx.ModelProto:
     """Run the passes in order.
 
     Order matters: initializer inputs go before renaming (so the one real input is
     unambiguous); Flatten removal needs shapes, which inference finds only once inputs
-    are named and the initializers are constants; the opset is set last among the graph
+    are named and the initializers are constants; Softplus is expanded before the
+    opset is set so the converter sees only supported ops; the opset is set last among the graph
     edits so the version converter sees the final op list.
     """
+    n_inputs = model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    passes: list[Pass] = [drop_initializer_inputs, rename_io]
+    if n_outputs is not None:
+        passes.append(declare_shapes(n_inputs, n_outputs))
     for apply in (
-        drop_initializer_inputs,
-        rename_io,
+        *passes,
         drop_redundant_flatten,
+        expand_double_softplus,
         set_opset(check_opset(opset)),
         name_graph,
         set_metadata(metadata),
@@ -359,6 +419,7 @@ def convert(
     out_path: str | os.PathLike[str],
     *,
     n_inputs: int,
+    n_outputs: int,
     dtype: str,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str],
@@ -370,7 +431,7 @@ def convert(
     symbol, arg_params, aux_params = checkpoint
     check_opset(opset)
     model = export_graph(symbol, arg_params, aux_params, n_inputs, dtype)
-    model = post_process(model, opset=opset, metadata=metadata)
+    model = post_process(model, opset=opset, metadata=metadata, n_outputs=n_outputs)
     params = {**arg_params, **aux_params}
     external = Path(out_path).name + ".data" if needs_external_data(params) else None
     model, chunks = attach_weights(model, params, external=external)

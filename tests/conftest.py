@@ -1,0 +1,104 @@
+"""Shared pieces: a smooth synthetic 3→2 problem and small untrained or trained nets."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import normexport as nx
+
+# Range-relative tolerances by dtype (DESIGN.md "Verification"). De-normalizing multiplies
+# the network's float error by each output's range, so errors are compared relative to it.
+RTOL = {"float32": 1e-5, "float64": 1e-12}
+ACTIVATIONS = ["sigmoid", "tanh", "relu", "softrelu"]
+DTYPES = ["float32", "float64"]
+INPUTS = ["temp_k", "strain", "frac"]
+TARGETS = ["load", "offset"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("NORMEXPORT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; run with NORMEXPORT_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def smooth_problem(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs on very different raw ranges; targets spanning about 0…100 and 0…40."""
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([rng.uniform(250, 350, n), rng.uniform(0, 0.01, n), rng.uniform(0, 1, n)])
+    u, v, w = (X[:, 0] - 250) / 100, X[:, 1] / 0.01, X[:, 2]
+    Y = np.column_stack(
+        [
+            100 * (0.5 + 0.4 * np.sin(2 * u + v) * w),
+            40 * (0.5 + 0.3 * np.cos(3 * v) * u + 0.2 * w * w),
+        ]
+    )
+    return X, Y
+
+
+@pytest.fixture(scope="session")
+def problem():
+    return smooth_problem()
+
+
+@pytest.fixture(scope="session")
+def scalers(problem):
+    X, Y = problem
+    return nx.MinMaxScaler().fit(X, columns=INPUTS), nx.MinMaxScaler().fit(Y, columns=TARGETS)
+
+
+def random_net(activation="sigmoid", dtype="float64", hidden=(8, 8), n_in=3, n_out=2, seed=0):
+    """An initialized, hybridized net that has run forward once (no training needed)."""
+    import mxnet as mx
+
+    from normexport.training import build_net
+
+    mx.random.seed(seed)
+    net = build_net(n_out, hidden, activation, dtype)
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, n_in), dtype=dtype))
+    return net
+
+
+def mxnet_predict(directory, prefix, X, dtype):
+    """Run a saved checkpoint through gluon.SymbolBlock.imports, as users load it."""
+    import mxnet as mx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block = mx.gluon.SymbolBlock.imports(
+            f"{directory}/{prefix}-symbol.json", ["data"], f"{directory}/{prefix}-0000.params"
+        )
+    return block(mx.nd.array(X, dtype=dtype)).asnumpy()
+
+
+def range_relative_error(got, want, out_scaler):
+    return (np.abs(np.asarray(got, np.float64) - want) / out_scaler.span()).max()
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, problem):
+    """A model directory trained briefly and exported (splice), float32."""
+    from normexport import io, pipeline
+
+    X, Y = problem
+    root = tmp_path_factory.mktemp("trained")
+    io.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    pipeline.train_to_directory(
+        root / "data.csv",
+        INPUTS,
+        TARGETS,
+        root / "model",
+        epochs=5,
+        dtype="float32",
+        progress=False,
+    )
+    pipeline.export_directory(root / "model")
+    return root
