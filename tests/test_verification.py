@@ -1,0 +1,137 @@
+"""Verification: agreement, the ability to fail, rows, chunking, report format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import INPUTS
+
+from normexport import io, pipeline
+from normexport.mxparams import read_params
+from normexport.scaling import MinMaxScaler
+from normexport.verification import edge_rows, verify_directory
+
+
+def copy_model(trained_dir, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(trained_dir / "model", target)
+    return target
+
+
+def test_all_runtimes_agree(trained_dir, problem):
+    X, _ = problem
+    report = verify_directory(trained_dir / "model", X)
+    assert report.ok, report.table()
+    assert report.runtimes == ["onnxruntime", "mxnet", "numpy", "onnx.reference"]
+    assert len(report.pairs) == 6
+    assert report.rows == X.shape[0] + report.edge_rows
+    ref_pairs = [p for p in report.pairs if "onnx.reference" in (p.a, p.b)]
+    assert all(p.rows == 256 for p in ref_pairs)
+    for pair in report.pairs:
+        assert max(pair.max_rel.values()) < 1e-5
+
+
+def test_report_is_json_and_a_table(trained_dir):
+    report = verify_directory(trained_dir / "model")
+    doc = json.loads(json.dumps(report.to_dict()))
+    assert doc["format"] == "normexport.verification/1"
+    assert doc["ok"] is True and doc["dtype"] == "float32" and doc["rtol"] == 1e-5
+    assert set(doc["pairs"][0]["max_rel"]) == {"load", "offset"}
+    table = report.table()
+    assert "onnxruntime vs numpy" in table and table.endswith("result: PASS")
+
+
+def tamper_params(path, name_part):
+    """Change one weight in an MXNet params file, re-saving it with MXNet."""
+    import mxnet as mx
+
+    params = {k: mx.nd.array(v, dtype=v.dtype) for k, v in read_params(path).items()}
+    key = next(k for k in sorted(params) if name_part in k)
+    values = params[key].asnumpy()
+    values.flat[0] += 0.05
+    params[key] = mx.nd.array(values, dtype=values.dtype)
+    mx.nd.save(str(path), params)
+
+
+def test_tampered_mxnet_model_fails(trained_dir, tmp_path):
+    model_dir = copy_model(trained_dir, tmp_path)
+    tamper_params(model_dir / "model-0000.params", "dense0_weight")
+    report = verify_directory(model_dir)
+    assert not report.ok
+    bad = {(p.a, p.b) for p in report.pairs if not p.ok}
+    assert ("onnxruntime", "mxnet") in bad and ("mxnet", "numpy") in bad
+    assert ("onnxruntime", "numpy") not in bad
+
+
+def test_tampered_onnx_fails(trained_dir, tmp_path):
+    model_dir = copy_model(trained_dir, tmp_path)
+    model = onnx.load(str(model_dir / "model.onnx"))
+    tensor = next(t for t in model.graph.initializer if "dense1_bias" in t.name)
+    values = onnx.numpy_helper.to_array(tensor).copy()
+    values[0] += 0.05
+    tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
+    onnx.save(model, str(model_dir / "model.onnx"))
+    report = verify_directory(model_dir)
+    assert not report.ok
+    bad = {(p.a, p.b) for p in report.pairs if not p.ok}
+    # both ONNX runtimes read the tampered file, so they agree with each other only
+    assert bad == {
+        ("onnxruntime", "mxnet"),
+        ("onnxruntime", "numpy"),
+        ("mxnet", "onnx.reference"),
+        ("numpy", "onnx.reference"),
+    }
+
+
+def test_tampered_scalers_fail(trained_dir, tmp_path):
+    """The NumPy reference uses scalers.json; a changed shift must be caught."""
+    model_dir = copy_model(trained_dir, tmp_path)
+    doc = io.read_json(model_dir / "scalers.json")
+    doc["outputs"]["inverse_shift"][0] += 1.0
+    doc["outputs"]["shift"][0] = (
+        -doc["outputs"]["inverse_shift"][0] / doc["outputs"]["inverse_scale"][0]
+    )
+    io.write_json(model_dir / "scalers.json", doc)
+    assert not verify_directory(model_dir).ok
+
+
+def test_chunking_gives_the_same_answer(trained_dir, problem):
+    X, _ = problem
+    whole = verify_directory(trained_dir / "model", X)
+    chunked = verify_directory(trained_dir / "model", X, chunk_rows=37)
+    # Kernels may round differently at other batch sizes, so values match to tolerance.
+    assert whole.ok and chunked.ok
+    assert [p.rows for p in whole.pairs] == [p.rows for p in chunked.pairs]
+    for a, b in zip(whole.pairs, chunked.pairs):
+        for name in a.max_rel:
+            assert abs(a.max_rel[name] - b.max_rel[name]) < 1e-5
+
+
+def test_rows_samples_and_rtol_overrides(trained_dir, problem):
+    X, _ = problem
+    report = verify_directory(trained_dir / "model", X, rows=50, rtol=1e-30)
+    assert report.data_rows == 50
+    assert not report.ok  # float32 cannot meet 1e-30: the threshold is applied
+
+
+def test_edge_rows_cover_min_max_mid_and_beyond():
+    sc = MinMaxScaler().fit(np.array([[0.0, 10.0], [2.0, 30.0]]), columns=["a", "b"])
+    rows = edge_rows(sc)
+    for column, (low, high) in enumerate([(0.0, 2.0), (10.0, 30.0)]):
+        values = set(rows[:, column].tolist())
+        width = high - low
+        assert {low, high, (low + high) / 2, low - width / 2, high + width / 2} <= values
+
+
+def test_wrong_width_rows_are_refused(trained_dir):
+    with pytest.raises(Exception, match="must have 3 columns"):
+        verify_directory(trained_dir / "model", np.ones((4, 2)))
+
+
+def test_verify_reads_data_columns_by_name(trained_dir):
+    X = pipeline.load_input_rows(trained_dir / "model", trained_dir / "data.csv")
+    assert X.shape[1] == len(INPUTS)
