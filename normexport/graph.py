@@ -158,7 +158,8 @@ def _output_width(checkpoint: Checkpoint, input_name: str, n_inputs: int) -> int
 
 
 def _nodes(symbol: mx.sym.Symbol) -> list[dict[str, Any]]:
-    return json.loads(symbol.tojson())["nodes"]  # type: ignore[no-any-return]
+    nodes: list[dict[str, Any]] = json.loads(symbol.tojson())["nodes"]
+    return nodes
 
 
 def _first_layer_width(

@@ -156,6 +156,7 @@ def train_to_directory(
         ckpt.save_checkpoint(net_checkpoint, stage, io.NET_PREFIX)
         (stage / io.REPORT_DIR).mkdir(exist_ok=True)
         plots.loss_curves(result.history, result.best_epoch, stage / io.REPORT_DIR / "loss.png")
+        assert result.holdout_true is not None and result.holdout_pred is not None
         plots.parity(
             result.holdout_true,
             result.holdout_pred,

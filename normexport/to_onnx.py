@@ -391,7 +391,7 @@ def save_model(
         with io.atomic_write(data_path) as handle:
             for offset, array in chunks:
                 handle.seek(offset)
-                handle.write(memoryview(array).cast("B"))
+                array.tofile(handle)
         written.append(data_path)
     io.write_bytes(path, model.SerializeToString())
     return written
