@@ -226,3 +226,19 @@ def test_load_onnx_refuses_truncated_file(tmp_path, scalers):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(GraphError, match="not an ONNX model"):
         to_onnx.load_onnx(path)
+
+
+def test_onnxruntime_loads_without_warnings(tmp_path, scalers):
+    """ORT warns about initializers listed as inputs (MXNet's raw export has four); ours: none."""
+    import subprocess
+    import sys
+
+    path = convert(tmp_path, random_net(), *scalers, "float64")
+    code = (
+        "import onnxruntime as ort, sys\n"
+        "o = ort.SessionOptions(); o.log_severity_level = 1\n"
+        "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "[W:" not in result.stderr and "[E:" not in result.stderr, result.stderr
