@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive(int), default=200)
     p.add_argument("--batch-size", type=_positive(int), default=32)
     p.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="cosine decays to lr/100 (for long runs)",
+    )
     p.add_argument("--val-fraction", type=_fraction, default=0.2, help="hold-out share (0.2)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -243,6 +249,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
