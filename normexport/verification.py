@@ -128,7 +128,7 @@ def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
     model = onnx.load(str(path))
     evaluator = ReferenceEvaluator(model)
     name = model.graph.input[0].name
-    return lambda X: list(evaluator.run(None, {name: X}))[0]
+    return lambda X: next(iter(evaluator.run(None, {name: X})))
 
 
 def mxnet_runtime(directory: Path, dtype: str) -> Runtime:
