@@ -135,8 +135,18 @@ class _HollowParam:
 # --------------------------------------------------------------------------- passes
 
 
-def rename_io(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Name the single input ``input`` and the single output ``output``, with batch ``batch``."""
+def rename_io(
+    model: onnx.ModelProto,
+    input_name: str = INPUT,
+    output_name: str = OUTPUT,
+    *,
+    batch: str | None = BATCH,
+) -> onnx.ModelProto:
+    """Name the single input ``input`` and the single output ``output``, with batch ``batch``.
+
+    Other names can be given; ``batch=None`` leaves the first dimension as it is (for
+    models exported with a fixed batch size).
+    """
     model = _copy(model)
     graph = model.graph
     inits = {i.name for i in graph.initializer}
@@ -145,16 +155,16 @@ def rename_io(model: onnx.ModelProto) -> onnx.ModelProto:
         raise GraphError(
             f"expected one input and one output, found {len(inputs)} and {len(graph.output)}"
         )
-    renames = {inputs[0].name: INPUT, graph.output[0].name: OUTPUT}
+    renames = {inputs[0].name: input_name, graph.output[0].name: output_name}
     for node in graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
-    inputs[0].name, graph.output[0].name = INPUT, OUTPUT
+    inputs[0].name, graph.output[0].name = input_name, output_name
     for value in (inputs[0], graph.output[0]):
         dims = value.type.tensor_type.shape.dim
-        if dims:
+        if dims and batch is not None:
             dims[0].Clear()
-            dims[0].dim_param = BATCH
+            dims[0].dim_param = batch
     return model
 
 

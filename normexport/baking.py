@@ -1,0 +1,631 @@
+"""Bake normalization into any ONNX regression model: ``normexport bake``.
+
+A model exported by any framework (PyTorch, Keras via tf2onnx, scikit-learn via
+skl2onnx, MXNet, ...) that was trained on normalized data becomes a raw-in/raw-out file:
+the input affine goes in front, the output affine after, spliced or folded into the first
+and last dense layer (:mod:`normexport.onnx_affine`). Then the result is checked with
+``onnx.checker`` (full check) and verified in onnxruntime against the original file run
+on NumPy-normalized rows, de-normalized with NumPy.
+
+Everything the user gives is validated here, before anything is written, with messages
+that name the file and the fault. The output (and its external data file, if any) is
+built in a temporary directory beside the target, checked and verified there, then
+renamed into place: an error or a failed verification leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+from normexport import io, onnx_affine, to_onnx
+from normexport.errors import (
+    DataError,
+    FormatError,
+    GraphError,
+    NormexportError,
+    VerificationError,
+    first_line,
+)
+from normexport.scaling import AffineScaler, factors_to_scalers, scalers_from_dict, scalers_to_dict
+from normexport.verification import (
+    DEFAULT_RTOL,
+    RANDOM_ROWS,
+    Runtime,
+    VerificationReport,
+    compare,
+    edge_rows,
+    onnxruntime_runtime,
+    random_rows,
+)
+
+MODES = ("splice", "fold")
+MIN_OPSET = onnx_affine.MIN_BN_OPSET
+EXTERNAL_MIN_BYTES = 1024  # with external data, smaller tensors stay inline (as onnx does)
+
+
+@dataclass
+class BakeResult:
+    """What :func:`bake` did."""
+
+    path: Path
+    plan: dict[str, str]
+    report: VerificationReport | None
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def bake(
+    onnx_in: str | os.PathLike[str],
+    onnx_out: str | os.PathLike[str],
+    *,
+    factors: str | os.PathLike[str] | np.ndarray | None = None,
+    scalers: str | os.PathLike[str] | dict[str, Any] | None = None,
+    mode: str = "splice",
+    opset: int | None = None,
+    rename: bool = False,
+    verify: bool = True,
+    data: str | os.PathLike[str] | None = None,
+    rtol: float | None = None,
+) -> BakeResult:
+    """Write ``onnx_out``: ``onnx_in`` with input normalization and output
+    de-normalization baked in (raw in, raw out).
+
+    Parameters
+    ----------
+    onnx_in
+        Any ONNX model with one 2-D float32/float64 input ``[batch, n_in]`` and one output
+        of ``n_out`` values per row, trained on normalized data.
+    onnx_out
+        The file to write (plus ``<name>.data`` beside it when the input used external
+        data or the weights exceed 1 GiB).
+    factors, scalers
+        Exactly one: a side file (text or ``.npy``) or array of ``(scale, shift)`` rows
+        (``n_in`` normalizing the inputs, then ``n_out`` de-normalizing the outputs), or
+        a ``scalers.json`` path or document.
+    mode
+        ``"splice"`` adds one affine node per side; ``"fold"`` folds into the first and
+        last dense layer where the pattern allows and splices the other side(s), saying
+        why in ``result.plan`` and with a warning.
+    opset
+        Convert to this opset first (default: keep the model's).
+    rename
+        Name the input ``input`` and the output ``output`` (default: keep the model's).
+    verify
+        Compare the baked file with the original in onnxruntime (default); raise
+        :class:`~normexport.errors.VerificationError` and write nothing on a mismatch.
+    data
+        A CSV whose rows are used for verification (the input columns by name, or all of
+        its columns if it has exactly ``n_in``); default: random rows over the input range
+        the factors imply, plus edge rows.
+    rtol
+        Tolerance on the error relative to each output's span (default: 1e-5 for float32,
+        1e-12 for float64).
+
+    Examples
+    --------
+    >>> import normexport as nx  # doctest: +SKIP
+    >>> result = nx.bake("model.onnx", "baked.onnx", factors="factors.txt", mode="fold")
+    ... # doctest: +SKIP
+    >>> result.plan  # doctest: +SKIP
+    {'input': 'folded', 'output': 'spliced', 'output_reason': 'an activation ...'}
+    """
+    src, dst = Path(onnx_in), Path(onnx_out)
+    _check_options(factors, scalers, mode, opset, rtol)
+    if dst.is_dir():
+        raise NormexportError(f"{dst}: is a directory; --out needs a file name")
+    model = load_model(src)
+    shape = describe(src, model)
+    in_scaler, out_scaler = _scalers(src, shape, factors, scalers)
+    rows = _data_rows(data, in_scaler) if verify and data is not None else None
+
+    baked, plan = _transform(src, model, shape, in_scaler, out_scaler, mode, opset, rename)
+    external = _uses_external_data(model) or _weight_bytes(model) > to_onnx.EXTERNAL_DATA_THRESHOLD
+    notes = plan.messages() if mode == "fold" else []
+    for side in ("input", "output"):
+        if mode == "fold" and getattr(plan, side) == "spliced":
+            warnings.warn(
+                f"{src}: {side} affine spliced, not folded: {getattr(plan, side + '_reason')}",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    staging = _staging_dir(dst)
+    try:
+        staged = _save(baked, staging / dst.name, src.parent, external)
+        _full_check(src, staged[0])
+        report = None
+        if verify:
+            report = verify_bake(src, staged[0], in_scaler, out_scaler, shape, rows=rows, rtol=rtol)
+            if not report.ok:
+                raise VerificationError(
+                    f"{src}: the baked model disagrees with the original beyond tolerance; "
+                    f"nothing written\n{report.table()}"
+                )
+        written = []
+        for path in reversed(staged):  # the data file first, the model (which names it) last
+            target = dst.parent / path.name
+            os.replace(path, target)
+            written.append(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return BakeResult(dst, plan.to_dict(), report, written[::-1], notes)
+
+
+# ------------------------------------------------------------------------------ options
+
+
+def _check_options(
+    factors: Any, scalers: Any, mode: str, opset: int | None, rtol: float | None
+) -> None:
+    if (factors is None) == (scalers is None):
+        raise DataError("give either factors or scalers (exactly one of them)")
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    newest = to_onnx.newest_opset()
+    if opset is not None and (
+        isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest
+    ):
+        raise DataError(
+            f"opset {opset} is not supported: choose {MIN_OPSET} to {newest} "
+            f"(onnx {onnx.__version__} knows opsets up to {newest})"
+        )
+    if rtol is not None and not (np.isfinite(rtol) and rtol > 0):
+        raise DataError(f"rtol must be a positive number, got {rtol}")
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The interface of the model to bake."""
+
+    input_name: str
+    output_name: str
+    n_in: int
+    n_out: int
+    in_dtype: str
+    out_dtype: str
+    batch: int | None  # a fixed batch size, or None for a symbolic one
+
+    @property
+    def dtype(self) -> str:
+        """The looser of the two dtypes: it sets the verification tolerance."""
+        return "float32" if "float32" in (self.in_dtype, self.out_dtype) else "float64"
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """Load and validate an ONNX file (weights stay where they are)."""
+    try:
+        model = to_onnx.load_onnx(path, with_weights=False)
+    except GraphError as exc:
+        raise FormatError(str(exc)) from exc
+    if model.ir_version > onnx.IR_VERSION:
+        raise FormatError(
+            f"{path}: IR version {model.ir_version} is newer than onnx {onnx.__version__} "
+            f"supports ({onnx.IR_VERSION}); upgrade onnx or export with an older version"
+        )
+    opset = onnx_affine.opset_of(model)
+    newest = to_onnx.newest_opset()
+    if opset == 0:
+        raise FormatError(f"{path}: imports no ONNX (default domain) opset")
+    if opset > newest:
+        raise FormatError(
+            f"{path}: opset {opset} is newer than onnx {onnx.__version__} supports (up to "
+            f"{newest}); upgrade onnx or export with opset {newest} or older"
+        )
+    _check_external_data(path, model)
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise FormatError(
+            f"{path}: not a valid ONNX model (truncated or damaged?): {first_line(exc)}"
+        ) from exc
+    return model
+
+
+def _check_external_data(path: Path, model: onnx.ModelProto) -> None:
+    base = path.parent.resolve()
+    for graph in onnx_affine.graphs(model.graph):
+        for tensor in graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            if graph is not model.graph:
+                raise FormatError(
+                    f"{path}: tensor {tensor.name!r} in a subgraph uses external data, "
+                    "which bake does not support"
+                )
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
+            file = (base / location).resolve()
+            if not location or os.path.isabs(location) or base not in file.parents:
+                raise FormatError(
+                    f"{path}: tensor {tensor.name!r} names external data {location!r} "
+                    "outside the model's directory"
+                )
+            if not file.is_file():
+                raise FormatError(
+                    f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing"
+                )
+            try:
+                offset = int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else None
+            except ValueError:
+                raise FormatError(
+                    f"{path}: tensor {tensor.name!r} has a malformed external data offset or length"
+                ) from None
+            needed = offset + (length if length is not None else _nbytes(tensor))
+            if file.stat().st_size < needed:
+                raise FormatError(
+                    f"{path}: external data file {location!r} is truncated: tensor "
+                    f"{tensor.name!r} needs bytes up to {needed}, the file has "
+                    f"{file.stat().st_size}"
+                )
+
+
+def describe(path: Path, model: onnx.ModelProto) -> ModelShape:
+    """Validate the interface: one 2-D float input, one output of n values per row."""
+    try:
+        io_ = onnx_affine.interface(model)
+    except GraphError as exc:
+        raise GraphError(f"{path}: {exc}") from exc
+    if io_.input_name == io_.output_name:
+        raise GraphError(f"{path}: the output {io_.output_name!r} is the input itself")
+    in_dtype = _float_type(path, "input", io_.input)
+    out_dtype = _float_type(path, "output", io_.output)
+    dims = onnx_affine.tensor_dims(io_.input)
+    if dims is None or len(dims) != 2:
+        shown = "no declared shape" if dims is None else f"shape {_show(dims)} ({len(dims)}-D)"
+        raise GraphError(f"{path}: input {io_.input_name!r} has {shown}; bake needs [batch, n_in]")
+    if not isinstance(dims[1], int) or dims[1] < 1:
+        raise GraphError(
+            f"{path}: input {io_.input_name!r} has shape {_show(dims)} with no fixed width; "
+            "bake needs [batch, n_in] with n_in fixed"
+        )
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    shape = ModelShape(io_.input_name, io_.output_name, dims[1], 0, in_dtype, out_dtype, batch)
+    return _with_output_width(path, model, io_, shape)
+
+
+def _with_output_width(
+    path: Path, model: onnx.ModelProto, io_: onnx_affine.Interface, shape: ModelShape
+) -> ModelShape:
+    typed = onnx_affine.typed_output(model, io_.output)
+    dims = onnx_affine.tensor_dims(typed)
+    if dims is not None and len(dims) not in (1, 2):
+        raise GraphError(
+            f"{path}: output {io_.output_name!r} has shape {_show(dims)}; bake needs "
+            "[batch, n_out] (or [batch] for one value per row)"
+        )
+    if dims is not None and len(dims) == 1:
+        n_out = 1
+    elif dims is not None and isinstance(dims[1], int):
+        n_out = dims[1]
+    else:  # declared and inferred shapes leave the width open: ask onnxruntime
+        n_out = _probe_width(path, shape)
+    return dataclasses.replace(shape, n_out=n_out)
+
+
+def _probe_width(path: Path, shape: ModelShape) -> int:
+    rows = shape.batch or 2
+    run = onnxruntime_runtime(path)
+    try:
+        out = np.asarray(run(np.zeros((rows, shape.n_in), dtype=shape.in_dtype)))
+    except Exception as exc:  # onnxruntime's own exception types
+        raise FormatError(f"{path}: onnxruntime cannot run the model: {first_line(exc)}") from exc
+    if out.ndim not in (1, 2) or out.shape[0] != rows:
+        raise GraphError(
+            f"{path}: output {shape.output_name!r} has shape {list(out.shape)} for {rows} "
+            "input rows; bake needs one row of outputs per input row"
+        )
+    return 1 if out.ndim == 1 else int(out.shape[1])
+
+
+def _float_type(path: Path, side: str, value: onnx.ValueInfoProto) -> str:
+    if not value.type.HasField("tensor_type"):
+        raise GraphError(f"{path}: {side} {value.name!r} is not a tensor")
+    elem = value.type.tensor_type.elem_type
+    if elem in onnx_affine.FLOAT_TYPES:
+        return onnx_affine.FLOAT_TYPES[elem]
+    kind = TensorProto.DataType.Name(elem) if elem else "of unknown type"
+    if elem in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        raise GraphError(f"{path}: {side} {value.name!r} is {kind}; bake supports FLOAT and DOUBLE")
+    raise GraphError(
+        f"{path}: {side} {value.name!r} is {kind}, not floating point; bake needs FLOAT or DOUBLE"
+    )
+
+
+def _show(dims: list[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+# ------------------------------------------------------------------------------ scalers
+
+
+def _scalers(
+    src: Path, shape: ModelShape, factors: Any, scalers: Any
+) -> tuple[AffineScaler, AffineScaler]:
+    if factors is not None:
+        if isinstance(factors, (str, os.PathLike)):
+            source = str(factors)
+            array = io.load_factors(factors)
+        else:
+            source = "factors"
+            array = _factor_array(factors)
+        return factors_to_scalers(array, shape.n_in, shape.n_out, source)
+    if isinstance(scalers, dict):
+        source, doc = "scalers", scalers
+    else:
+        source, doc = str(scalers), io.read_json(scalers)
+    in_scaler, out_scaler, _ = scalers_from_dict(doc, source)
+    for side, scaler, width, name in (
+        ("input", in_scaler, shape.n_in, shape.input_name),
+        ("output", out_scaler, shape.n_out, shape.output_name),
+    ):
+        if scaler.n_features_in_ != width:
+            raise DataError(
+                f"{source}: {scaler.n_features_in_} {side} columns "
+                f"({', '.join(scaler.columns_)}), but {src}'s {side} {name!r} has {width}"
+            )
+    return in_scaler, out_scaler
+
+
+def _factor_array(factors: Any) -> np.ndarray:
+    try:
+        array = np.asarray(factors, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"factors: not an array of numbers ({exc})") from exc
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise DataError(f"factors: expected rows of (scale, shift), got shape {array.shape}")
+    for row, (scale, shift) in enumerate(array):
+        if not np.isfinite(scale) or scale == 0 or not np.isfinite(shift):
+            raise DataError(
+                f"factors: row {row + 1}: scale {scale} and shift {shift} must be finite, "
+                "scale non-zero"
+            )
+    return array
+
+
+def _data_rows(data: str | os.PathLike[str], in_scaler: AffineScaler) -> np.ndarray:
+    """The input columns of a CSV: by name, or all columns when there are exactly n_in."""
+    header = io.read_header(data)
+    columns = in_scaler.columns_
+    if not all(c in header for c in columns):
+        if len(header) != len(columns):
+            raise DataError(
+                f"{data}: needs the input columns {', '.join(columns)} (or exactly "
+                f"{len(columns)} columns); it has {', '.join(header)}"
+            )
+        columns = header
+    return io.load_columns(data, columns)
+
+
+# ------------------------------------------------------------------------------ transform
+
+
+def _transform(
+    src: Path,
+    model: onnx.ModelProto,
+    shape: ModelShape,
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    mode: str,
+    opset: int | None,
+    rename: bool,
+) -> tuple[onnx.ModelProto, onnx_affine.FoldPlan]:
+    """The passes, in order: opset first (so the new nodes are written for the final
+    opset), then splice or fold, then names, then metadata (which describe the result)."""
+    try:
+        if opset is not None:
+            model = onnx_affine.convert_opset(model, opset)
+        if onnx_affine.opset_of(model) < MIN_OPSET:
+            raise GraphError(
+                f"opset {onnx_affine.opset_of(model)} is older than {MIN_OPSET}; add "
+                f"--opset {to_onnx.DEFAULT_OPSET} to convert it"
+            )
+        in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
+        if mode == "fold":
+            base_dir = str(src.parent)
+
+            def load(tensor: TensorProto) -> np.ndarray:
+                return numpy_helper.to_array(tensor, base_dir=base_dir)
+
+            model, plan = onnx_affine.fold(model, in_affine, out_affine, load=load)
+        else:
+            model, plan = onnx_affine.splice(model, in_affine, out_affine), onnx_affine.SPLICED
+        if rename:
+            model = _rename(model, shape)
+    except GraphError as exc:
+        raise GraphError(f"{src}: {exc}") from exc
+    dtype = shape.in_dtype
+    doc = scalers_to_dict(in_scaler, out_scaler, dtype)
+    entries = to_onnx.metadata_entries(mode, doc, plan.to_dict())
+    return to_onnx.set_metadata(entries)(model), plan
+
+
+def _rename(model: onnx.ModelProto, shape: ModelShape) -> onnx.ModelProto:
+    wanted = {to_onnx.INPUT: shape.input_name, to_onnx.OUTPUT: shape.output_name}
+    names = onnx_affine.value_names(model)
+    for new, old in wanted.items():
+        if new != old and new in names:
+            raise GraphError(f"cannot rename to {new!r}: the graph already has a value so named")
+    batch = None if shape.batch else to_onnx.BATCH
+    return to_onnx.rename_io(model, batch=batch)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _staging_dir(dst: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    except FileNotFoundError as exc:
+        raise NormexportError(f"{dst.parent}: no such directory") from exc
+    except OSError as exc:
+        raise NormexportError(f"{dst.parent}: cannot write here ({exc.strerror})") from exc
+
+
+def _save(model: onnx.ModelProto, path: Path, source_dir: Path, external: bool) -> list[Path]:
+    """Write the model; with ``external``, tensors of 1 KiB or more go to ``<name>.data``.
+
+    Tensors that already live in external data are copied from their file through a
+    memory map, never all loaded at once.
+    """
+    if not external:
+        return to_onnx.save_model(model, path)
+    model = onnx_affine.copy_model(model)
+    params: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        array = _external_array(tensor, source_dir) if uses_external_data(tensor) else None
+        if array is None and _nbytes(tensor) >= EXTERNAL_MIN_BYTES and _plain_dtype(tensor):
+            array = numpy_helper.to_array(tensor, base_dir=str(source_dir))
+        if array is None:
+            if uses_external_data(tensor):  # small or exotic: bring it inline
+                tensor.CopyFrom(
+                    numpy_helper.from_array(
+                        numpy_helper.to_array(tensor, base_dir=str(source_dir)), tensor.name
+                    )
+                )
+            continue
+        tensor.ClearField("raw_data")
+        params[tensor.name] = array
+    if not params:
+        return to_onnx.save_model(model, path)
+    model, chunks = to_onnx.attach_weights(model, params, external=path.name + ".data")
+    return to_onnx.save_model(model, path, chunks)
+
+
+def _external_array(tensor: TensorProto, source_dir: Path) -> np.ndarray | None:
+    """A read-only memory map of an external tensor's bytes (None when it should be inline)."""
+    if _nbytes(tensor) < EXTERNAL_MIN_BYTES or not _plain_dtype(tensor):
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+    return np.memmap(
+        source_dir / info["location"],
+        dtype=dtype,
+        mode="r",
+        offset=int(info.get("offset", 0)),
+        shape=tuple(tensor.dims),
+    )
+
+
+def _plain_dtype(tensor: TensorProto) -> bool:
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError):
+        return False
+    return dtype.kind in "biufc" and tensor.data_type not in (
+        TensorProto.BFLOAT16,
+        TensorProto.STRING,
+    )
+
+
+def _nbytes(tensor: TensorProto) -> int:
+    if not _plain_dtype(tensor):
+        return 0
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(_nbytes(t) for t in model.graph.initializer)
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def _full_check(src: Path, path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GraphError(
+            f"{src}: the baked model fails onnx.checker (full check): {first_line(exc)}"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------ verification
+
+
+def verify_bake(
+    original: str | os.PathLike[str],
+    baked: str | os.PathLike[str],
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    shape: ModelShape,
+    *,
+    rows: np.ndarray | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> VerificationReport:
+    """The baked file on raw rows against the original file on the NumPy-normalized rows,
+    de-normalized with NumPy, both in onnxruntime.
+
+    Rows: edge rows of the input range plus ``rows`` (or random rows over the range).
+    """
+    data = random_rows(in_scaler, RANDOM_ROWS, seed) if rows is None else rows
+    edges = edge_rows(in_scaler)
+    all_rows = np.concatenate([edges, data])
+    run_baked = _per_row(onnxruntime_runtime(baked), shape)
+    run_original = _per_row(onnxruntime_runtime(original), shape)
+    out_scale, out_shift = out_scaler.inverse_affine()
+
+    def original_scaled(X: np.ndarray) -> np.ndarray:
+        Y = run_original(in_scaler.transform(X))
+        # The de-normalization, written out rather than through inverse_transform, which
+        # refuses a non-finite value: here that is a result to report, not an input error.
+        return Y * out_scale.astype(Y.dtype) + out_shift.astype(Y.dtype)
+
+    runtimes: dict[str, Runtime] = {"baked": run_baked, "original+numpy": original_scaled}
+    tolerance = DEFAULT_RTOL[shape.dtype] if rtol is None else float(rtol)
+    span = out_scaler.span()
+    pairs = compare(
+        runtimes,
+        all_rows,
+        outputs=list(out_scaler.columns_),
+        span=span,
+        dtype=shape.in_dtype,
+        rtol=tolerance,
+    )
+    return VerificationReport(
+        ok=all(p.ok for p in pairs),
+        dtype=shape.dtype,
+        rtol=tolerance,
+        rows=int(all_rows.shape[0]),
+        data_rows=int(data.shape[0]),
+        edge_rows=int(edges.shape[0]),
+        outputs=list(out_scaler.columns_),
+        output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
+        runtimes=list(runtimes),
+        pairs=pairs,
+    )
+
+
+def _per_row(run: Runtime, shape: ModelShape) -> Runtime:
+    """Outputs as ``(rows, n_out)``; a model with a fixed batch size runs in batches of it."""
+
+    def call(X: np.ndarray) -> np.ndarray:
+        if shape.batch is None:
+            return np.asarray(run(X)).reshape(X.shape[0], -1)
+        size = shape.batch
+        parts = []
+        for start in range(0, X.shape[0], size):
+            chunk = X[start : start + size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            parts.append(np.asarray(run(padded)).reshape(size, -1)[: len(chunk)])
+        return np.concatenate(parts)
+
+    return call
