@@ -1,0 +1,1020 @@
+"""Benchmarks: what the baked-in normalization costs, and how export scales.
+
+Run through ``scripts/bench`` (which makes sure ``.venv`` exists). Sections:
+
+inference     onnxruntime (one intra-op thread): bare network, spliced, folded and the
+              separate-file approach (NumPy scaling around the bare session), at batch 1,
+              64 and 4096, interleaved; medians of per-call time and of the per-round
+              ratio against the bare network measured in the same round.
+export        splice + ONNX conversion + post-processing + verification (the whole
+              ``export_directory``; training excluded) for the demo network and for wide
+              float32 networks, each case in a fresh subprocess: wall time, peak RSS and
+              a per-stage breakdown (the kernel's high-water mark is reset at every stage
+              boundary through /proc/self/clear_refs).
+training      samples per second of ``normexport.training.train`` on the demo data,
+              float32 and float64, interleaved.
+verification  rows per second of ``verify_directory`` and its peak memory, at two row
+              counts (the peak must not grow with the rows: verification is chunked).
+
+Results go to ``bench-results/bench-<time>.json`` (and ``latest.json``) plus a readable
+table (``latest.txt``). ``--quick`` is a one-minute version with smaller cases and fewer
+rounds; its numbers are noisier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import functools
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench-results"
+INFERENCE_BATCHES = (1, 64, 4096)
+INFERENCE_VARIANTS = (
+    "bare",
+    "bare-2",  # control: a second session of the same bare file (A/A); its ratio is the noise
+    "spliced",
+    "folded",
+    "separate",
+    "baked-fold",  # normexport.baking.bake on the bare file, when that verb exists
+    "baked-splice",
+    "spliced-bn",  # candidates: model.onnx with its Mul+Add pairs rewritten by this script
+    "spliced-gemm",
+)
+CANDIDATES = {
+    "spliced-bn": "each spliced Mul+Add as one BatchNormalization (mean 0, var 1, epsilon 0)",
+    "spliced-gemm": "each spliced Mul+Add as one Gemm with a diagonal matrix",
+}
+TARGETS = {
+    # variant: {batch: max ratio to bare}; "faster than separate at batch 1" is checked apart
+    "spliced": {1: 1.10, 4096: 1.05},
+    "folded": {1: 1.01, 64: 1.01, 4096: 1.01},
+    "baked-fold": {1: 1.01, 64: 1.01, 4096: 1.01},
+}
+EXPORT_RSS_TARGET = 3.0  # peak RSS beyond the baseline, in multiples of the model's size
+
+FULL = {
+    "rounds": 400,
+    "block_seconds": 0.002,
+    "wide_widths": (2896, 5793, 11585),  # ~34 MB, ~134 MB, ~537 MB of float32 parameters
+    "train_epochs": 20,
+    "train_repeats": 3,
+    "verify_rows": (100_000, 1_000_000),
+}
+QUICK = {
+    "rounds": 40,
+    "block_seconds": 0.001,
+    "wide_widths": (1024, 2048, 4096),
+    "train_epochs": 3,
+    "train_repeats": 1,
+    "verify_rows": (20_000, 200_000),
+}
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process to its current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Probe:
+    """Wall time and peak RSS of named stages, nested, in one process.
+
+    Before every reset of the high-water mark the current mark is read and credited to
+    every open stage and to the whole run, so nested stages keep exact peaks.
+    """
+
+    def __init__(self) -> None:
+        self.can_reset = _reset_peak()
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.open: list[dict[str, Any]] = []
+        self.peak_kib = _status_kib("VmHWM")
+
+    def _absorb(self) -> int:
+        mark = _status_kib("VmHWM")
+        self.peak_kib = max(self.peak_kib, mark)
+        for frame in self.open:
+            frame["peak"] = max(frame["peak"], mark)
+        return mark
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._absorb()
+        _reset_peak()
+        frame = {"name": name, "peak": 0, "rss_before": _status_kib("VmRSS")}
+        self.open.append(frame)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self._absorb()
+            self.open.pop()
+            entry = self.stages.setdefault(
+                name, {"calls": 0, "seconds": 0.0, "peak_mib": 0.0, "rss_before_mib": None}
+            )
+            entry["calls"] += 1
+            entry["seconds"] += elapsed
+            entry["peak_mib"] = max(entry["peak_mib"], frame["peak"] / 1024)
+            if entry["rss_before_mib"] is None:
+                entry["rss_before_mib"] = frame["rss_before"] / 1024
+
+    def wrap(self, module: Any, attr: str, label: Callable[..., str] | str | None = None) -> None:
+        original = getattr(module, attr)
+        probe = self
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            name = label(*args, **kwargs) if callable(label) else (label or attr)
+            with probe.stage(name):
+                return original(*args, **kwargs)
+
+        setattr(module, attr, timed)
+
+
+def instrument_runtimes(probe: Probe, prefix: str = "verify: ") -> None:
+    """Time and measure each verification runtime: its loading and its calls."""
+    from normexport import verification
+
+    for factory_name, runtime_name in (
+        ("onnxruntime_runtime", "onnxruntime"),
+        ("mxnet_runtime", "mxnet"),
+        ("numpy_runtime", "numpy"),
+        ("onnx_reference_runtime", "onnx.reference"),
+    ):
+        factory = getattr(verification, factory_name)
+
+        def make(
+            *a: Any, _factory: Any = factory, _name: str = runtime_name, **k: Any
+        ) -> Callable[[Any], Any]:
+            with probe.stage(f"{prefix}load {_name}"):
+                run = _factory(*a, **k)
+
+            def call(chunk: Any) -> Any:
+                with probe.stage(f"{prefix}run {_name}"):
+                    return run(chunk)
+
+            return call
+
+        setattr(verification, factory_name, make)
+
+
+def _heavy_imports() -> None:
+    """Everything an export or a verification imports, so the baseline includes it."""
+    import mxnet  # noqa: F401
+    import numpy  # noqa: F401
+    import onnx
+    import onnx.reference  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import normexport.checkpoint
+    import normexport.graph
+    import normexport.pipeline
+    import normexport.to_onnx
+    import normexport.verification  # noqa: F401
+
+
+def _baseline() -> dict[str, float]:
+    return {"rss_mib": _status_kib("VmRSS") / 1024, "hwm_mib": _status_kib("VmHWM") / 1024}
+
+
+# ------------------------------------------------------------------------------ workers
+# Each worker runs in a fresh interpreter (python bench.py --worker NAME ARGS_JSON) and
+# prints one JSON line.
+
+
+def worker_prepare_wide(args: dict[str, Any]) -> dict[str, Any]:
+    """Write a model directory (scalers.json + net-*) of a wide float32 network."""
+    import mxnet as mx
+    import numpy as np
+
+    from normexport import checkpoint, graph, io
+    from normexport.scaling import MinMaxScaler, scalers_to_dict
+    from normexport.training import build_net
+
+    width, out = int(args["width"]), Path(args["dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(0)
+    net = build_net(2, hidden=(width, width), activation="sigmoid", dtype="float32")
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    net(mx.nd.zeros((1, 3), dtype="float32"))
+    ckpt = graph.from_block(net)
+    checkpoint.save_checkpoint(ckpt, out, io.NET_PREFIX)
+    rng = np.random.default_rng(0)
+    X = rng.uniform([200, 0, 0], [400, 0.05, 1], size=(256, 3))
+    Y = rng.uniform(-1, 1, size=(256, 2))
+    in_sc = MinMaxScaler().fit(X, columns=["temp_k", "strain", "frac"])
+    out_sc = MinMaxScaler().fit(Y, columns=["load", "offset"], target=True)
+    io.write_json(out / io.SCALERS_FILE, scalers_to_dict(in_sc, out_sc, "float32"))
+    params = sum(int(np.prod(v.shape)) for v in ckpt.arg_params.values())
+    return {"parameters": params, "params_bytes": io.params_file(out, io.NET_PREFIX).stat().st_size}
+
+
+def worker_export(args: dict[str, Any]) -> dict[str, Any]:
+    """``export_directory`` of one model directory, instrumented stage by stage."""
+    _heavy_imports()
+    from normexport import checkpoint, graph, io, pipeline, to_onnx, verification
+    from normexport.errors import VerificationError
+
+    gc.collect()
+    base = _baseline()
+    probe = Probe()
+    probe.wrap(checkpoint, "load_checkpoint", "load checkpoint (net-*)")
+    probe.wrap(graph, "splice", "splice")
+    probe.wrap(graph, "fold", "fold")
+    probe.wrap(checkpoint, "save_checkpoint", lambda c, d, p: f"save checkpoint ({p}-*)")
+    probe.wrap(to_onnx, "convert", "onnx: total")
+    probe.wrap(to_onnx, "export_graph", "onnx: MXNet exporter (hollow)")
+    probe.wrap(to_onnx, "post_process", "onnx: post-processing passes")
+    probe.wrap(to_onnx, "attach_weights", "onnx: attach weights")
+    probe.wrap(to_onnx, "save_model", "onnx: write")
+    probe.wrap(to_onnx, "check", "onnx: checker (full_check)")
+    probe.wrap(verification, "verify_directory", "verify: total")
+    instrument_runtimes(probe)
+    probe.wrap(verification, "compare", "verify: all rows, all runtimes")
+    probe.wrap(pipeline, "_write_manifest", "manifest (sha256 of files)")
+    if args.get("external"):
+        to_onnx.EXTERNAL_DATA_THRESHOLD = 0  # force the external-data path at any size
+    directory = Path(args["dir"])
+    ok, error = True, ""
+    started = time.perf_counter()
+    with probe.stage("export total"):
+        try:
+            pipeline.export_directory(directory, mode=args["mode"])
+        except VerificationError as exc:
+            ok, error = False, first_line(exc)
+    wall = time.perf_counter() - started
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+    return {
+        "ok": ok,
+        "error": error,
+        "external_data": any(name.endswith(".data") for name in files),
+        "baseline": base,
+        "hwm_reset_supported": probe.can_reset,
+        "wall_seconds": wall,
+        "peak_mib": probe.peak_kib / 1024,
+        "stages": probe.stages,
+        "files": files,
+        "params_bytes": io.params_file(directory, io.NET_PREFIX).stat().st_size,
+    }
+
+
+def worker_verify(args: dict[str, Any]) -> dict[str, Any]:
+    """``verify_directory`` over N random rows of the training box, per runtime."""
+    _heavy_imports()
+    from normexport import io, pipeline, verification
+
+    directory, n = Path(args["dir"]), int(args["rows"])
+    in_scaler, _, _ = pipeline.load_scalers(directory / io.SCALERS_FILE)
+    X = verification.random_rows(in_scaler, n, seed=1)
+    gc.collect()
+    base = _baseline()
+    probe = Probe()
+    instrument_runtimes(probe, prefix="")
+    started = time.perf_counter()
+    with probe.stage("verify"):
+        report = verification.verify_directory(directory, X)
+    wall = time.perf_counter() - started
+    return {
+        "ok": report.ok,
+        "rows": report.rows,
+        "runtimes": report.runtimes,
+        "baseline": base,
+        "input_mib": X.nbytes / 2**20,
+        "wall_seconds": wall,
+        "rows_per_second": report.rows / wall,
+        "runtime_seconds": {
+            k[4:]: v["seconds"] for k, v in probe.stages.items() if k.startswith("run ")
+        },
+        "peak_mib": probe.peak_kib / 1024,
+        "stages": probe.stages,
+        "chunk_rows": verification.CHUNK_ROWS,
+    }
+
+
+def worker_baseline(args: dict[str, Any]) -> dict[str, Any]:
+    bare = _baseline()
+    _heavy_imports()
+    return {"python_only": bare, "with_imports": _baseline()}
+
+
+WORKERS = {
+    "prepare_wide": worker_prepare_wide,
+    "export": worker_export,
+    "verify": worker_verify,
+    "baseline": worker_baseline,
+}
+
+
+def _mem_available_mib() -> float:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def run_worker(
+    name: str, args: dict[str, Any], timeout: float = 3600, min_available_mib: float = 1536
+) -> dict[str, Any]:
+    """Run a worker in a fresh interpreter; kill it (and only it) if the machine's available
+    memory falls below ``min_available_mib`` (the machine is shared)."""
+    import threading
+
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", name, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    killed: list[str] = []
+
+    def watch() -> None:
+        started = time.monotonic()
+        while proc.poll() is None:
+            available = _mem_available_mib()
+            if available < min_available_mib or time.monotonic() - started > timeout:
+                killed.append(
+                    f"available memory {available:.0f} MiB"
+                    if available < min_available_mib
+                    else f"timeout {timeout} s"
+                )
+                proc.kill()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    watcher.join()
+    if killed:
+        raise RuntimeError(f"worker {name} {args} stopped by the watchdog: {killed[0]}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {name} {args} failed:\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def prepare_demo(work: Path, dtype: str, epochs: int) -> Path:
+    """The demo network (Munsell data, 3-32-32-32-2 sigmoid), briefly trained, exported
+    spliced (``DIR``), folded (``DIR/fold``) and bare (``DIR/bare.onnx``)."""
+    from normexport import checkpoint, demo, io, pipeline, to_onnx
+
+    out = work / f"demo-{dtype}"
+    if (out / "bare.onnx").is_file():
+        return out  # prepared earlier in this run
+    shutil.rmtree(out, ignore_errors=True)
+    pipeline.train_to_directory(
+        demo.data_path(),
+        demo.INPUTS,
+        demo.TARGETS,
+        out,
+        hidden=demo.HIDDEN,
+        activation="sigmoid",
+        dtype=dtype,
+        epochs=epochs,
+        batch_size=demo.BATCH_SIZE,
+        lr=demo.LR,
+        progress=False,
+    )
+    pipeline.export_directory(out, mode="splice")
+    in_scaler, out_scaler, _ = pipeline.load_scalers(out / io.SCALERS_FILE)
+    pipeline.export(str(out / io.NET_PREFIX), in_scaler, out_scaler, out / "fold", mode="fold")
+    net = checkpoint.load_checkpoint(
+        io.symbol_file(out, io.NET_PREFIX), io.params_file(out, io.NET_PREFIX)
+    )
+    to_onnx.convert(
+        net,
+        out / "bare.onnx",
+        n_inputs=len(demo.INPUTS),
+        n_outputs=len(demo.TARGETS),
+        dtype=dtype,
+        metadata={},
+    )
+    return out
+
+
+def baked_files(model_dir: Path) -> tuple[dict[str, Path], str]:
+    """The bare file baked by ``normexport.baking.bake`` (fold and splice), if it exists."""
+    try:
+        from normexport import baking
+    except ImportError:
+        return {}, "normexport.baking does not exist yet"
+    bake = getattr(baking, "bake", None)
+    if bake is None:
+        return {}, "normexport.baking has no bake()"
+    from normexport import io
+
+    files = {}
+    for mode in ("fold", "splice"):
+        out = model_dir / f"baked-{mode}.onnx"
+        try:
+            bake(model_dir / "bare.onnx", out, scalers=model_dir / io.SCALERS_FILE, mode=mode)
+        except Exception as exc:
+            return files, f"bake(mode={mode}) failed: {type(exc).__name__}: {first_line(exc)}"
+        files[f"baked-{mode}"] = out
+    return files, ""
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def rewrite_affines(src: Path, dst: Path, form: str) -> int:
+    """Write ``src`` with each constant ``Mul`` → ``Add`` pair replaced by one op.
+
+    ``form`` is ``"bn"`` (``BatchNormalization`` in inference mode: mean 0, variance 1,
+    epsilon 0, so ``y = x * scale + bias`` exactly) or ``"gemm"`` (``Gemm`` with
+    ``diag(scale)`` and ``bias``). A measurement aid for choosing the spliced form; returns
+    the number of pairs replaced.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    replaced, drop, nodes = 0, set(), []
+    for node in graph.node:
+        if id(node) in drop:
+            continue
+        users = consumers.get(node.output[0], [])
+        if (
+            node.op_type == "Mul"
+            and node.input[1] in inits
+            and len(users) == 1
+            and users[0].op_type == "Add"
+            and users[0].input[0] == node.output[0]
+            and users[0].input[1] in inits
+        ):
+            add = users[0]
+            scale = numpy_helper.to_array(inits[node.input[1]]).reshape(-1)
+            shift = numpy_helper.to_array(inits[add.input[1]]).reshape(-1)
+            p = f"{node.name or node.output[0]}_bench"
+            if form == "bn":
+                consts = {
+                    f"{p}_scale": scale,
+                    f"{p}_bias": shift,
+                    f"{p}_mean": np.zeros_like(scale),
+                    f"{p}_var": np.ones_like(scale),
+                }
+                new = helper.make_node(
+                    "BatchNormalization",
+                    [node.input[0], *consts],
+                    [add.output[0]],
+                    name=p,
+                    epsilon=0.0,
+                )
+            else:
+                consts = {f"{p}_diag": np.diag(scale), f"{p}_bias": shift}
+                new = helper.make_node("Gemm", [node.input[0], *consts], [add.output[0]], name=p)
+            graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+            nodes.append(new)
+            drop.add(id(add))
+            replaced += 1
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(dst))
+    return replaced
+
+
+def _session(path: Path, optimized: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _optimized_ops(path: Path, tmp: Path) -> list[str]:
+    import onnx
+
+    target = tmp / f"{path.stem}.optimized.onnx"
+    _session(path, target)
+    return [n.op_type for n in onnx.load(str(target)).graph.node]
+
+
+def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[str], None]):
+    import numpy as np
+
+    from normexport import demo, io, pipeline
+
+    model_dir = prepare_demo(work, dtype, cfg["train_epochs"])
+    in_scaler, out_scaler, _ = pipeline.load_scalers(model_dir / io.SCALERS_FILE)
+    files = {
+        "bare": model_dir / "bare.onnx",
+        "spliced": model_dir / io.ONNX_FILE,
+        "folded": model_dir / "fold" / io.ONNX_FILE,
+    }
+    baked, baked_note = baked_files(model_dir)
+    files.update(baked)
+    for name, form in (("spliced-bn", "bn"), ("spliced-gemm", "gemm")):
+        files[name] = model_dir / f"{name}.onnx"
+        rewrite_affines(files["spliced"], files[name], form)
+    files["bare-2"] = files["bare"]
+    sessions = {name: _session(path) for name, path in files.items()}
+    in_s, in_t = (np.asarray(a, dtype=dtype) for a in in_scaler.affine())
+    out_s, out_t = (np.asarray(a, dtype=dtype) for a in out_scaler.inverse_affine())
+    bare_run = sessions["bare"].run
+
+    def separate(x: np.ndarray) -> np.ndarray:
+        y = bare_run(None, {"input": x * in_s + in_t})[0]
+        return y * out_s + out_t
+
+    data = io.load_columns(demo.data_path(), demo.INPUTS)
+    rng = np.random.default_rng(0)
+    results: dict[str, Any] = {
+        "dtype": dtype,
+        "model": f"{len(demo.INPUTS)}-{'-'.join(map(str, demo.HIDDEN))}-{len(demo.TARGETS)} "
+        "sigmoid (Munsell demo)",
+        "baked_note": baked_note,
+        "optimized_ops": {n: _optimized_ops(p, work) for n, p in files.items() if n != "bare-2"},
+        "candidates": CANDIDATES,
+        "batches": {},
+    }
+    for batch in INFERENCE_BATCHES:
+        raw = np.ascontiguousarray(data[rng.integers(0, len(data), batch)].astype(dtype))
+        norm = np.ascontiguousarray(raw * in_s + in_t)
+        calls: dict[str, Callable[[], Any]] = {}
+        for name, sess in sessions.items():
+            feed = {"input": norm if name.startswith("bare") else raw}
+            calls[name] = functools.partial(sess.run, None, feed)
+        calls["separate"] = functools.partial(separate, raw)
+        # Same function, same rows: the baked-in files against the separate-file approach.
+        reference = calls["separate"]()
+        span = out_scaler.span()
+        agreement = {
+            name: float(np.max(np.abs(calls[name]()[0] - reference) / span))
+            for name in calls
+            if not name.startswith("bare") and name != "separate"
+        }
+        names = [v for v in INFERENCE_VARIANTS if v in calls]
+        for fn in calls.values():  # warm up (allocations, first-run planning)
+            for _ in range(20):
+                fn()
+        block = {}
+        for name in names:  # calls per timed block, so one block lasts ~block_seconds
+            t0 = time.perf_counter()
+            for _ in range(20):
+                calls[name]()
+            per_call = (time.perf_counter() - t0) / 20
+            block[name] = max(1, round(cfg["block_seconds"] / per_call))
+        times: dict[str, list[float]] = {n: [] for n in names}
+        ratios: dict[str, list[float]] = {n: [] for n in names if n != "bare"}
+        clock = time.perf_counter
+        gc.disable()
+        try:
+            for r in range(cfg["rounds"]):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                this_round = {}
+                for name in order:
+                    fn, k = calls[name], block[name]
+                    t0 = clock()
+                    for _ in range(k):
+                        fn()
+                    this_round[name] = (clock() - t0) / k
+                for name, value in this_round.items():
+                    times[name].append(value)
+                    if name != "bare":
+                        ratios[name].append(value / this_round["bare"])
+        finally:
+            gc.enable()
+        entry = {
+            "rounds": cfg["rounds"],
+            "calls_per_block": block,
+            "median_us": {n: 1e6 * statistics.median(v) for n, v in times.items()},
+            "ratio_to_bare": {n: statistics.median(v) for n, v in ratios.items()},
+            "ratio_iqr": {n: _quartiles(v) for n, v in ratios.items()},
+            "max_rel_diff_vs_separate": agreement,
+        }
+        if "separate" in ratios:
+            entry["ratio_to_separate"] = {
+                n: statistics.median(
+                    a / b for a, b in zip(times[n], times["separate"], strict=True)
+                )
+                for n in names
+                if not n.startswith("bare") and n != "separate"
+            }
+        results["batches"][str(batch)] = entry
+        log(
+            f"  inference {dtype} batch {batch}: "
+            + ", ".join(f"{n} {entry['ratio_to_bare'][n]:.3f}x" for n in ratios)
+        )
+    results["targets"] = inference_targets(results)
+    return results
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
+def inference_targets(results: dict[str, Any]) -> dict[str, Any]:
+    checks = {}
+    for variant, limits in TARGETS.items():
+        for batch, limit in limits.items():
+            entry = results["batches"].get(str(batch))
+            if entry and variant in entry["ratio_to_bare"]:
+                value = entry["ratio_to_bare"][variant]
+                checks[f"{variant} batch {batch} <= {limit}x bare"] = {
+                    "value": value,
+                    "met": value <= limit,
+                }
+    entry = results["batches"].get("1")
+    if entry and "ratio_to_separate" in entry:
+        for variant in ("spliced", "folded"):
+            value = entry["ratio_to_separate"][variant]
+            checks[f"{variant} batch 1 faster than separate"] = {"value": value, "met": value < 1}
+    return checks
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def bench_export(work: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    baseline = run_worker("baseline", {})
+    cases = []
+    demo_dir = work / "demo-float64"
+    for mode in ("splice", "fold"):
+        cases.append(
+            {"name": f"demo float64 ({mode})", "dir": demo_dir, "mode": mode, "width": None}
+        )
+    for width in cfg["wide_widths"]:
+        cases.append(
+            {
+                "name": f"wide float32 W={width}",
+                "dir": work / f"wide-{width}",
+                "mode": "splice",
+                "width": width,
+            }
+        )
+    # The largest again with the external-data path forced (normally only above 1 GiB).
+    width = cfg["wide_widths"][-1]
+    cases.append(
+        {
+            "name": f"wide float32 W={width} ext",
+            "dir": work / f"wide-{width}-ext",
+            "mode": "splice",
+            "width": width,
+            "external": True,
+        }
+    )
+    out = {"baseline": baseline, "cases": []}
+    for case in cases:
+        info = {}
+        if case["width"] is not None:
+            shutil.rmtree(case["dir"], ignore_errors=True)
+            info = run_worker("prepare_wide", {"width": case["width"], "dir": str(case["dir"])})
+        result = run_worker(
+            "export",
+            {"dir": str(case["dir"]), "mode": case["mode"], "external": case.get("external")},
+        )
+        model_mib = result["params_bytes"] / 2**20
+        beyond = result["peak_mib"] - result["baseline"]["rss_mib"]
+        entry = {
+            "name": case["name"],
+            "mode": case["mode"],
+            "width": case["width"],
+            "parameters": info.get("parameters"),
+            "model_mib": model_mib,
+            "peak_beyond_baseline_mib": beyond,
+            "peak_over_model": beyond / model_mib,
+            **result,
+        }
+        out["cases"].append(entry)
+        log(
+            f"  export {case['name']}: {model_mib:.1f} MiB model, {result['wall_seconds']:.2f} s, "
+            f"peak +{beyond:.0f} MiB over baseline ({beyond / model_mib:.2f}x model)"
+        )
+        if case["width"] is not None:
+            shutil.rmtree(case["dir"], ignore_errors=True)
+    wide = [c for c in out["cases"] if c["width"] is not None and not c["external_data"]]
+    if len(wide) >= 2:
+        # Growth between the smallest and largest wide case: marginal seconds and MiB per MiB.
+        a, b = wide[0], wide[-1]
+        dm = b["model_mib"] - a["model_mib"]
+        out["growth"] = {
+            "seconds_per_gib": 1024 * (b["wall_seconds"] - a["wall_seconds"]) / dm,
+            "peak_mib_per_model_mib": (
+                b["peak_beyond_baseline_mib"] - a["peak_beyond_baseline_mib"]
+            )
+            / dm,
+        }
+    largest = wide[-1] if wide else None
+    if largest:
+        out["target"] = {
+            "peak_over_model_largest": largest["peak_over_model"],
+            "limit": EXPORT_RSS_TARGET,
+            "met": largest["peak_over_model"] <= EXPORT_RSS_TARGET,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from normexport import demo, io
+    from normexport.training import train
+
+    X, Y = io.load_table(demo.data_path(), [demo.INPUTS, demo.TARGETS])
+    epochs = cfg["train_epochs"]
+    runs: dict[str, list[float]] = {"float32": [], "float64": []}
+    rows = 0
+    for _ in range(cfg["train_repeats"]):
+        for dtype in ("float64", "float32"):
+            result = train(
+                X,
+                Y,
+                input_columns=demo.INPUTS,
+                target_columns=demo.TARGETS,
+                hidden=demo.HIDDEN,
+                activation="sigmoid",
+                dtype=dtype,
+                epochs=epochs,
+                batch_size=demo.BATCH_SIZE,
+                lr=demo.LR,
+                progress=False,
+            )
+            rows = result.settings["train_rows"]
+            per_epoch = (rows // demo.BATCH_SIZE) * demo.BATCH_SIZE  # full batches only
+            runs[dtype].append(per_epoch * epochs / result.seconds)
+    out = {
+        "network": f"3-{'-'.join(map(str, demo.HIDDEN))}-2 sigmoid, Adam, batch "
+        f"{demo.BATCH_SIZE}, {epochs} epochs per run, validation pass each epoch included",
+        "train_rows": rows,
+        "samples_per_second": {k: statistics.median(v) for k, v in runs.items()},
+        "runs": runs,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+    }
+    log(
+        "  training: "
+        + ", ".join(f"{k} {v:,.0f} samples/s" for k, v in out["samples_per_second"].items())
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------ verification
+
+
+def bench_verification(work: Path, cfg: dict[str, Any], log: Callable[[str], None]):
+    cases = []
+    for rows in cfg["verify_rows"]:
+        result = run_worker("verify", {"dir": str(work / "demo-float64"), "rows": rows})
+        beyond = result["peak_mib"] - result["baseline"]["rss_mib"]
+        cases.append({**result, "requested_rows": rows, "peak_beyond_start_mib": beyond})
+        log(
+            f"  verify {rows:,} rows: {result['rows_per_second']:,.0f} rows/s, "
+            f"peak +{beyond:.0f} MiB over start (input {result['input_mib']:.0f} MiB)"
+        )
+    return {"model": "demo float64 (spliced)", "cases": cases}
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("mxnet", "numpy", "onnx", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), ""
+        )
+    git = ""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        git = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "versions": versions,
+        "git": git,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"normexport benchmarks ({'quick' if results['quick'] else 'full'}) "
+        f"{results['started']}  git {results['environment']['git']}",
+        f"machine: {results['environment']['cpus']} CPUs, {results['environment']['cpu']}, "
+        f"load {results['environment']['loadavg_start'][0]:.2f} at start, "
+        f"{results['environment'].get('loadavg_end', [0])[0]:.2f} at end",
+    ]
+    for dtype, inf in results.get("inference", {}).items():
+        lines += ["", f"1. inference in onnxruntime, 1 thread, {inf['model']}, {dtype}:"]
+        lines.append(
+            f"   {'batch':>6} {'variant':<13} {'median µs':>10} {'× bare':>8} "
+            f"{'IQR of ×':>15} {'× separate':>11}"
+        )
+        for batch, entry in inf["batches"].items():
+            for name, us in entry["median_us"].items():
+                ratio = entry["ratio_to_bare"].get(name)
+                iqr = entry["ratio_iqr"].get(name)
+                sep = entry.get("ratio_to_separate", {}).get(name)
+                lines.append(
+                    f"   {batch:>6} {name:<13} {us:>10.2f} "
+                    f"{'' if ratio is None else f'{ratio:.3f}':>8} "
+                    f"{'' if iqr is None else f'{iqr[0]:.3f}–{iqr[1]:.3f}':>15} "
+                    f"{'' if sep is None else f'{sep:.3f}':>11}"
+                )
+        for name, what in inf.get("candidates", {}).items():
+            lines.append(f"   {name}: candidate, not normexport's output: {what}")
+        if inf.get("baked_note"):
+            lines.append(f"   baked: {inf['baked_note']}")
+        for check, value in inf["targets"].items():
+            lines.append(
+                f"   target {check}: {value['value']:.3f} {'MET' if value['met'] else 'NOT MET'}"
+            )
+    exp = results.get("export")
+    if exp:
+        b = exp["baseline"]["with_imports"]
+        lines += [
+            "",
+            "2. export cost (export_directory: splice/fold + ONNX + post-processing + "
+            "verification + manifest), fresh process per case",
+            f"   interpreter baseline: {exp['baseline']['python_only']['rss_mib']:.0f} MiB bare "
+            f"python, {b['rss_mib']:.0f} MiB after importing mxnet, onnx, onnxruntime, normexport",
+            f"   {'case':<26} {'params':>11} {'model MiB':>10} {'wall s':>8} "
+            f"{'peak-base MiB':>14} {'× model':>8}",
+        ]
+        for case in exp["cases"]:
+            params = f"{case['parameters']:,}" if case["parameters"] else ""
+            lines.append(
+                f"   {case['name']:<26} {params:>11} {case['model_mib']:>10.2f} "
+                f"{case['wall_seconds']:>8.2f} {case['peak_beyond_baseline_mib']:>14.0f} "
+                f"{case['peak_over_model']:>8.2f}{'' if case['ok'] else '  (verification failed)'}"
+            )
+        if "growth" in exp:
+            g = exp["growth"]
+            lines.append(
+                f"   growth (smallest → largest wide case): {g['seconds_per_gib']:.1f} s per GiB "
+                f"of parameters, {g['peak_mib_per_model_mib']:.2f} MiB of peak per MiB"
+            )
+        if "target" in exp:
+            t = exp["target"]
+            lines.append(
+                f"   target peak ≤ {t['limit']}× model beyond baseline (largest case): "
+                f"{t['peak_over_model_largest']:.2f}× {'MET' if t['met'] else 'NOT MET'}"
+            )
+        largest = max(exp["cases"], key=lambda c: c["model_mib"])
+        lines.append(f"   stages of {largest['name']} (peak RSS within the stage, MiB):")
+        for name, stage in largest["stages"].items():
+            lines.append(
+                f"     {name:<36} {stage['seconds']:>8.2f} s {stage['peak_mib']:>9.0f} MiB peak "
+                f"(from {stage['rss_before_mib']:.0f})"
+            )
+    tr = results.get("training")
+    if tr:
+        lines += ["", f"3. training throughput ({tr['network']}, {tr['train_rows']} rows):"]
+        for dtype, value in tr["samples_per_second"].items():
+            lines.append(f"   {dtype}: {value:,.0f} samples/s")
+    ver = results.get("verification")
+    if ver:
+        lines += ["", f"4. verification throughput ({ver['model']}, all four runtimes):"]
+        for case in ver["cases"]:
+            per_rt = ", ".join(f"{k} {v:.2f} s" for k, v in case["runtime_seconds"].items())
+            lines.append(
+                f"   {case['rows']:>9,} rows: {case['wall_seconds']:.2f} s, "
+                f"{case['rows_per_second']:,.0f} rows/s, peak +{case['peak_beyond_start_mib']:.0f}"
+                f" MiB over start (input {case['input_mib']:.0f} MiB); {per_rt}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a one-minute version")
+    parser.add_argument(
+        "--sections",
+        default="inference,export,training,verification",
+        help="comma-separated subset of inference,export,training,verification",
+    )
+    parser.add_argument("--rounds", type=int, help="override the number of inference rounds")
+    parser.add_argument("--keep-work", action="store_true", help="keep bench-results/work")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("worker_args", nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](json.loads(args.worker_args or "{}"))))
+        return 0
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        cfg["rounds"] = args.rounds
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"inference", "export", "training", "verification"}
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    RESULTS.mkdir(exist_ok=True)
+    work = RESULTS / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    started = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = {
+        "format": "normexport.bench/1",
+        "quick": args.quick,
+        "started": started,
+        "config": cfg,
+        "environment": environment(),
+    }
+    t0 = time.perf_counter()
+    if "inference" in sections or "export" in sections or "verification" in sections:
+        log("preparing the demo network (float64) ...")
+        prepare_demo(work, "float64", cfg["train_epochs"])
+    if "inference" in sections:
+        results["inference"] = {}
+        for dtype in ("float64", "float32"):
+            results["inference"][dtype] = bench_inference(work, cfg, dtype, log)
+    if "export" in sections:
+        results["export"] = bench_export(work, cfg, log)
+    if "training" in sections:
+        results["training"] = bench_training(cfg, log)
+    if "verification" in sections:
+        results["verification"] = bench_verification(work, cfg, log)
+    results["environment"]["loadavg_end"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - t0
+    text = format_table(results)
+    stem = f"bench-{started}{'-quick' if args.quick else ''}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}.txt").write_text(text + "\n")
+    for name, content in (
+        ("latest.json", json.dumps(results, indent=2) + "\n"),
+        ("latest.txt", text + "\n"),
+    ):
+        (RESULTS / name).write_text(content)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    print(text)
+    log(f"wrote {RESULTS / stem}.json and .txt ({results['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
