@@ -166,11 +166,19 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     if opset_of(model) == opset:
         return copy_model(model)
     try:
-        return onnx.version_converter.convert_version(model, opset)
+        converted = onnx.version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises RuntimeError/IndexError/... freely
         raise GraphError(
             f"cannot convert from opset {opset_of(model)} to {opset}: {first_line(exc)}"
         ) from exc
+    # The converter keeps an external tensor's name and dims but drops where its data is.
+    external = {
+        t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
+    }
+    for tensor in converted.graph.initializer:
+        if tensor.name in external:
+            tensor.CopyFrom(external[tensor.name])
+    return converted
 
 
 def tensor_dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:

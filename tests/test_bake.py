@@ -160,6 +160,47 @@ def test_opset_conversion(tmp_path):
     assert onnx.load(str(tmp_path / "b.onnx")).opset_import[0].version == NEWEST
 
 
+def test_foreign_domain_op_at_the_edge_is_spliced(tmp_path):
+    """skl2onnx puts ai.onnx.ml ops (here a Scaler) in front of the network."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node(
+            "Scaler",
+            ["x"],
+            ["xs"],
+            name="scaler",
+            domain="ai.onnx.ml",
+            offset=[1.0, 2.0, 3.0],
+            scale=[0.5, 2.0, 1.0],
+        ),
+        helper.make_node("MatMul", ["xs", "W"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "skl",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [
+            numpy_helper.from_array(weights(rng, 3, 2).astype(np.float32), "W"),
+            numpy_helper.from_array(np.float32([0.5, -0.5]), "b"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    path = save(model, tmp_path / "m.onnx")
+    in_affine, out_affine = affines(3, 2)
+    with pytest.warns(UserWarning, match="input affine spliced"):
+        result = baking.bake(
+            path, tmp_path / "b.onnx", factors=factors_of(in_affine, out_affine), mode="fold"
+        )
+    assert result.plan["input_reason"] == (
+        "the input 'x' goes to Scaler 'scaler' (domain ai.onnx.ml), not a dense layer"
+    )
+    assert result.plan["output"] == "folded" and result.report.ok
+    check_baked(tmp_path / "b.onnx", model, in_affine, out_affine, "float32")
+
+
 def test_fold_fallback_is_said_not_silent(tmp_path):
     model = gemm_mlp(last_activation="Sigmoid")
     path = save(model, tmp_path / "m.onnx")
@@ -343,6 +384,31 @@ def test_external_data_in_gives_external_data_out(tmp_path, mode):
             numpy_helper.to_array(folded["W1"]),
             (in_affine[0][:, None] * W1).astype(np.float32),
         )
+
+
+def test_external_data_survives_opset_conversion(tmp_path):
+    # onnx.version_converter keeps external tensors' names and dims but drops their data
+    # location; the conversion pass must put it back.
+    model = gemm_mlp("float64", hidden=300)
+    save(
+        model,
+        tmp_path / "m.onnx",
+        save_as_external_data=True,
+        location="m.weights",
+        size_threshold=1024,
+    )
+    in_affine, out_affine = affines(3, 2)
+    for mode in ("splice", "fold"):
+        out = tmp_path / f"{mode}.onnx"
+        result = baking.bake(
+            tmp_path / "m.onnx",
+            out,
+            factors=factors_of(in_affine, out_affine),
+            mode=mode,
+            opset=NEWEST,
+        )
+        assert result.report.ok and len(result.written) == 2
+        check_baked(out, model, in_affine, out_affine, "float64")
 
 
 def test_large_weights_go_external(tmp_path, mlp_file, monkeypatch):
