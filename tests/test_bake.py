@@ -637,6 +637,32 @@ def test_refuses_missing_or_short_external_data(tmp_path, damage):
     )
 
 
+def test_refuses_external_data_outside_the_model_directory(tmp_path):
+    (tmp_path / "sub").mkdir()
+    save(
+        gemm_mlp(hidden=300),
+        tmp_path / "sub" / "m.onnx",
+        save_as_external_data=True,
+        location="m.weights",
+        size_threshold=1024,
+    )
+    model = onnx.load(str(tmp_path / "sub" / "m.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../m.weights"
+    (tmp_path / "sub" / "m.weights").rename(tmp_path / "m.weights")
+    (tmp_path / "sub" / "m.onnx").write_bytes(model.SerializeToString())
+    assert_refused(
+        tmp_path,
+        FormatError,
+        "m.onnx: tensor 'W1' names external data '../m.weights' outside",
+        lambda: baking.bake(
+            tmp_path / "sub" / "m.onnx", tmp_path / "o.onnx", factors=np.ones((5, 2))
+        ),
+    )
+
+
 @pytest.mark.parametrize(
     ("rows", "pattern"),
     [
