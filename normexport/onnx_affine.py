@@ -231,6 +231,7 @@ def splice_output(model: onnx.ModelProto, scale: Any, shift: Any) -> onnx.ModelP
     producers = [n for n in model.graph.node if name in n.output]
     if not producers:
         raise GraphError(f"output {name!r} is not computed by any node of the graph")
+    typed = typed_output(model, io.output)  # before the edit, while shapes still infer
     names = _Names(model)
     normalized = names.fresh(PREFIX + "output_normalized")
     producer = producers[0]
@@ -239,7 +240,6 @@ def splice_output(model: onnx.ModelProto, scale: Any, shift: Any) -> onnx.ModelP
     for value in model.graph.value_info:
         if value.name == name:
             value.name = normalized
-    typed = typed_output(model, io.output)
     nodes, inits = _affine_nodes(model, "output", normalized, name, scale, shift, typed, names)
     _add_initializers(model, inits)
     model.graph.node.extend(nodes)
