@@ -326,22 +326,29 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bake(args: argparse.Namespace) -> int:
+    import warnings
+
     from normexport.baking import bake
 
-    result = bake(
-        args.model,
-        args.out,
-        factors=args.factors,
-        scalers=args.scalers,
-        mode=args.mode,
-        opset=args.opset,
-        rename=args.rename,
-        verify=not args.no_verify,
-        data=args.data,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fold fallbacks are printed from result.notes
+        result = bake(
+            args.model,
+            args.out,
+            factors=args.factors,
+            scalers=args.scalers,
+            mode=args.mode,
+            opset=args.opset,
+            rename=args.rename,
+            verify=not args.no_verify,
+            data=args.data,
+        )
+    for note in result.notes:
+        print(note, file=sys.stderr)
     if result.report is not None:
         print(result.report.table())
-    print(f"wrote {args.out} ({result.plan})")
+    sides = ", ".join(f"{side} {result.plan[side]}" for side in ("input", "output"))
+    print(f"wrote {args.out} (mode {args.mode}: {sides})")
     return EXIT_OK
 
 

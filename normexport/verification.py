@@ -125,8 +125,11 @@ def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
     import onnx
     from onnx.reference import ReferenceEvaluator
 
+    from normexport.onnx_affine import reference_ops
+
     model = onnx.load(str(path))
-    evaluator = ReferenceEvaluator(model)
+    # inference-mode BatchNormalization: the reference's opset 9-13 kernel uses batch stats
+    evaluator = ReferenceEvaluator(model, new_ops=reference_ops())
     name = model.graph.input[0].name
     return lambda X: next(iter(evaluator.run(None, {name: X})))
 
@@ -305,8 +308,7 @@ def compare(
         for a, b in pairs:
             if a in results and b in results:
                 n = min(len(results[a]), len(results[b]))
-                diff = np.abs(results[a][:n] - results[b][:n])
-                diff[np.isnan(diff)] = np.inf
+                diff = _disagreement(results[a][:n], results[b][:n])
                 worst[(a, b)] = np.maximum(worst[(a, b)], diff.max(axis=0, initial=0.0))
                 counted[(a, b)] += n
         seen += chunk.shape[0]
@@ -324,6 +326,17 @@ def compare(
             )
         )
     return results_list
+
+
+def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b|, where equal values (infinities and NaNs included) agree and a NaN
+    against a number disagrees infinitely."""
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - b)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    diff[same] = 0.0
+    diff[np.isnan(diff)] = np.inf
+    return diff
 
 
 def verify_directory(

@@ -316,3 +316,57 @@ def test_demo_fast_configuration(capsys, tmp_path):
         path = tmp_path / "demo" / "report" / png
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(path) in out
     assert (tmp_path / "demo" / "fold" / "model.onnx").is_file()
+
+
+def test_bake_verb(capsys, tmp_path):
+    from test_docs import write_foreign_model
+
+    write_foreign_model(tmp_path / "theirs.onnx")
+    np.savetxt(
+        tmp_path / "f.txt", [[0.01, -2.5], [100.0, 0.0], [1.0, 0.0], [10.0, 1.0], [4.0, 0.0]]
+    )
+    code, out, err = run(
+        capsys,
+        "bake",
+        tmp_path / "theirs.onnx",
+        "--factors",
+        tmp_path / "f.txt",
+        "--out",
+        tmp_path / "baked.onnx",
+        "--mode",
+        "fold",
+        "--rename",
+    )
+    assert code == 0, err
+    assert "result: PASS" in out and "input folded, output folded" in out
+    code, out, _ = run(capsys, "inspect", tmp_path / "baked.onnx")
+    assert code == 0 and "input   input" in out and "normexport.mode = fold" in out
+    code, out, _ = run(capsys, "predict", tmp_path / "baked.onnx", tmp_path / "missing.csv")
+    assert code == 2
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert_user_error(
+        capsys,
+        [
+            "bake",
+            tmp_path / "junk.onnx",
+            "--factors",
+            tmp_path / "f.txt",
+            "--out",
+            tmp_path / "o.onnx",
+        ],
+        "junk.onnx",
+    )
+    assert not (tmp_path / "o.onnx").exists()
+    np.savetxt(tmp_path / "short.txt", [[1.0, 0.0]])
+    assert_user_error(
+        capsys,
+        [
+            "bake",
+            tmp_path / "theirs.onnx",
+            "--factors",
+            tmp_path / "short.txt",
+            "--out",
+            tmp_path / "o.onnx",
+        ],
+        "short.txt",
+    )

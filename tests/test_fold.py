@@ -54,7 +54,7 @@ def test_op_lists_of_bare_spliced_and_folded(tmp_path, scalers):
     }
     assert ops["bare"] == ["Gemm", "Sigmoid", "Gemm", "Sigmoid", "Gemm"]
     assert ops["fold"] == ops["bare"]
-    assert ops["splice"] == ["Mul", "Add", *ops["bare"], "Mul", "Add"]
+    assert ops["splice"] == ["BatchNormalization", *ops["bare"], "BatchNormalization"]
     assert not {"Mul", "Add", "Sub", "Div"} & set(ops["fold"])
 
 
