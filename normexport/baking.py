@@ -387,15 +387,7 @@ def _factor_array(factors: Any) -> np.ndarray:
         array = np.asarray(factors, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise DataError(f"factors: not an array of numbers ({exc})") from exc
-    if array.ndim != 2 or array.shape[1] != 2:
-        raise DataError(f"factors: expected rows of (scale, shift), got shape {array.shape}")
-    for row, (scale, shift) in enumerate(array):
-        if not np.isfinite(scale) or scale == 0 or not np.isfinite(shift):
-            raise DataError(
-                f"factors: row {row + 1}: scale {scale} and shift {shift} must be finite, "
-                "scale non-zero"
-            )
-    return array
+    return io.check_factors(array, "factors")
 
 
 def _data_rows(data: str | os.PathLike[str], in_scaler: AffineScaler) -> np.ndarray:

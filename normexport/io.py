@@ -290,18 +290,26 @@ def load_factors(path: str | os.PathLike[str]) -> np.ndarray:
             array = np.loadtxt(text.splitlines(), delimiter=delimiter, ndmin=2)
         except ValueError as exc:
             raise FormatError(f"{path}: not a table of numbers ({first_line_of(exc)})") from exc
+    return check_factors(array, str(path), error=FormatError)
+
+
+def check_factors(
+    factors: Any, source: str = "factors", *, error: type[NormexportError] = DataError
+) -> np.ndarray:
+    """Validate an array of ``(scale, shift)`` rows; return it as float64."""
+    array = np.asarray(factors)
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise FormatError(f"{path}: holds {array.dtype} values, expected real numbers")
-    array = np.asarray(array, dtype=np.float64)
+        raise error(f"{source}: holds {array.dtype} values, expected real numbers")
+    array = array.astype(np.float64)
     if array.ndim != 2 or array.shape[1] != 2:
-        raise FormatError(
-            f"{path}: expected rows of (scale, shift), shape (n_inputs + n_outputs, 2); "
+        raise error(
+            f"{source}: expected rows of (scale, shift), shape (n_inputs + n_outputs, 2); "
             f"got shape {array.shape}"
         )
     for row, (scale, shift) in enumerate(array):
         if not np.isfinite(scale) or scale == 0 or not np.isfinite(shift):
-            raise FormatError(
-                f"{path}: row {row + 1}: scale {scale} and shift {shift} must be finite, "
+            raise error(
+                f"{source}: row {row + 1}: scale {scale} and shift {shift} must be finite, "
                 "scale non-zero"
             )
     return array
