@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -291,6 +292,15 @@ def compare(
     worst = {p: np.zeros(len(outputs)) for p in pairs}
     counted = dict.fromkeys(pairs, 0)
     seen = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=X.shape[0],
+        desc="verifying",
+        unit="row",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty() or X.shape[0] <= chunk_rows,
+    )
     for chunk in _chunks(X.astype(dtype), chunk_rows):
         results = {}
         for name in names:
@@ -312,6 +322,8 @@ def compare(
                 worst[(a, b)] = np.maximum(worst[(a, b)], diff.max(axis=0, initial=0.0))
                 counted[(a, b)] += n
         seen += chunk.shape[0]
+        bar.update(chunk.shape[0])
+    bar.close()
     results_list = []
     for a, b in pairs:
         rel = worst[(a, b)] / span
