@@ -51,12 +51,16 @@ INFERENCE_VARIANTS = (
     "separate",
     "baked-fold",  # normexport.baking.bake on the bare file, when that verb exists
     "baked-splice",
-    "spliced-bn",  # candidates: model.onnx with its Mul+Add pairs rewritten by this script
-    "spliced-gemm",
+    # other forms of the same splice: model.onnx rewritten by this script (not normexport's
+    # output); the form model.onnx already has is skipped
+    "alt-muladd",
+    "alt-bn",
+    "alt-gemm",
 )
-CANDIDATES = {
-    "spliced-bn": "each spliced Mul+Add as one BatchNormalization (mean 0, var 1, epsilon 0)",
-    "spliced-gemm": "each spliced Mul+Add as one Gemm with a diagonal matrix",
+ALTERNATIVES = {
+    "alt-muladd": ("muladd", "each spliced affine as Mul then Add of (1, n) constants"),
+    "alt-bn": ("bn", "each spliced affine as BatchNormalization (mean 0, var 1, epsilon 0)"),
+    "alt-gemm": ("gemm", "each spliced affine as Gemm with a diagonal matrix"),
 }
 TARGETS = {
     # variant: {batch: max ratio to bare}; "faster than separate at batch 1" is checked apart
@@ -67,7 +71,8 @@ TARGETS = {
 EXPORT_RSS_TARGET = 3.0  # peak RSS beyond the baseline, in multiples of the model's size
 
 FULL = {
-    "rounds": 400,
+    "rounds": 600,
+    "sessions": 5,
     "block_seconds": 0.002,
     "wide_widths": (2896, 5793, 11585),  # ~34 MB, ~134 MB, ~537 MB of float32 parameters
     "train_epochs": 20,
@@ -76,6 +81,7 @@ FULL = {
 }
 QUICK = {
     "rounds": 40,
+    "sessions": 2,
     "block_seconds": 0.001,
     "wide_widths": (1024, 2048, 4096),
     "train_epochs": 3,
@@ -388,6 +394,24 @@ def run_worker(
 # ------------------------------------------------------------------------------ fixtures
 
 
+def demo_options() -> dict[str, Any]:
+    """The demo's training settings (``normexport.demo.run_demo``), without the epochs."""
+    import inspect
+
+    from normexport import demo
+    from normexport.training import train
+
+    options: dict[str, Any] = {
+        "hidden": demo.HIDDEN,
+        "activation": "sigmoid",
+        "batch_size": demo.BATCH_SIZE,
+        "lr": demo.LR,
+    }
+    if "lr_schedule" in inspect.signature(train).parameters:
+        options["lr_schedule"] = "cosine"
+    return options
+
+
 def prepare_demo(work: Path, dtype: str, epochs: int) -> Path:
     """The demo network (Munsell data, 3-32-32-32-2 sigmoid), briefly trained, exported
     spliced (``DIR``), folded (``DIR/fold``) and bare (``DIR/bare.onnx``)."""
@@ -402,13 +426,10 @@ def prepare_demo(work: Path, dtype: str, epochs: int) -> Path:
         demo.INPUTS,
         demo.TARGETS,
         out,
-        hidden=demo.HIDDEN,
-        activation="sigmoid",
         dtype=dtype,
         epochs=epochs,
-        batch_size=demo.BATCH_SIZE,
-        lr=demo.LR,
         progress=False,
+        **demo_options(),
     )
     pipeline.export_directory(out, mode="splice")
     in_scaler, out_scaler, _ = pipeline.load_scalers(out / io.SCALERS_FILE)
@@ -456,29 +477,23 @@ def first_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------ inference
 
 
-def rewrite_affines(src: Path, dst: Path, form: str) -> int:
-    """Write ``src`` with each constant ``Mul`` → ``Add`` pair replaced by one op.
-
-    ``form`` is ``"bn"`` (``BatchNormalization`` in inference mode: mean 0, variance 1,
-    epsilon 0, so ``y = x * scale + bias`` exactly) or ``"gemm"`` (``Gemm`` with
-    ``diag(scale)`` and ``bias``). A measurement aid for choosing the spliced form; returns
-    the number of pairs replaced.
-    """
+def _affine_sites(model: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The spliced affines of ``model``: constant ``Mul`` → ``Add`` pairs or inference
+    ``BatchNormalization`` nodes (mean 0, variance 1, epsilon 0). Returns the form found
+    (``"muladd"``, ``"bn"`` or ``""``) and, per affine, its nodes, input, output and
+    (scale, shift)."""
     import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
-    model = onnx.load(str(src))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    value = {name: numpy_helper.to_array(t) for name, t in inits.items()}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    replaced, drop, nodes = 0, set(), []
+    sites, forms = [], set()
     for node in graph.node:
-        if id(node) in drop:
-            continue
         users = consumers.get(node.output[0], [])
         if (
             node.op_type == "Mul"
@@ -488,38 +503,86 @@ def rewrite_affines(src: Path, dst: Path, form: str) -> int:
             and users[0].input[0] == node.output[0]
             and users[0].input[1] in inits
         ):
-            add = users[0]
-            scale = numpy_helper.to_array(inits[node.input[1]]).reshape(-1)
-            shift = numpy_helper.to_array(inits[add.input[1]]).reshape(-1)
-            p = f"{node.name or node.output[0]}_bench"
-            if form == "bn":
-                consts = {
-                    f"{p}_scale": scale,
-                    f"{p}_bias": shift,
-                    f"{p}_mean": np.zeros_like(scale),
-                    f"{p}_var": np.ones_like(scale),
+            scale, shift = value[node.input[1]], value[users[0].input[1]]
+            sites.append(
+                {
+                    "nodes": [node, users[0]],
+                    "x": node.input[0],
+                    "y": users[0].output[0],
+                    "scale": scale.reshape(-1),
+                    "shift": shift.reshape(-1),
                 }
-                new = helper.make_node(
-                    "BatchNormalization",
-                    [node.input[0], *consts],
-                    [add.output[0]],
-                    name=p,
-                    epsilon=0.0,
+            )
+            forms.add("muladd")
+        elif node.op_type == "BatchNormalization" and all(n in inits for n in node.input[1:5]):
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            mean, var = value[node.input[3]], value[node.input[4]]
+            if eps == 0 and not mean.any() and np.all(var == 1):
+                sites.append(
+                    {
+                        "nodes": [node],
+                        "x": node.input[0],
+                        "y": node.output[0],
+                        "scale": value[node.input[1]],
+                        "shift": value[node.input[2]],
+                    }
                 )
-            else:
-                consts = {f"{p}_diag": np.diag(scale), f"{p}_bias": shift}
-                new = helper.make_node("Gemm", [node.input[0], *consts], [add.output[0]], name=p)
-            graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-            nodes.append(new)
-            drop.add(id(add))
-            replaced += 1
-        else:
+                forms.add("bn")
+    return (forms.pop() if len(forms) == 1 else ""), sites
+
+
+def rewrite_affines(src: Path, dst: Path, form: str) -> str:
+    """Write ``src`` with each spliced affine expressed as ``form``; return the form it had.
+
+    ``form`` is ``"muladd"`` (``Mul`` then ``Add`` of ``(1, n)`` constants, as MXNet's
+    exporter translates the splice), ``"bn"`` (``BatchNormalization`` in inference mode:
+    mean 0, variance 1, epsilon 0, so ``y = x * scale + bias`` exactly) or ``"gemm"``
+    (``Gemm`` with ``diag(scale)`` and ``bias``). A measurement aid for choosing the
+    spliced form, not part of normexport.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    found, sites = _affine_sites(model)
+    by_first = {id(site["nodes"][0]): site for site in sites}
+    drop = {id(n) for site in sites for n in site["nodes"][1:]}
+    nodes = []
+    for node in graph.node:
+        if id(node) in drop:
+            continue
+        site = by_first.get(id(node))
+        if site is None:
             nodes.append(node)
+            continue
+        x, y, scale, shift = site["x"], site["y"], site["scale"], site["shift"]
+        p = f"{node.name or y}_bench"
+        if form == "bn":
+            consts = {
+                f"{p}_scale": scale,
+                f"{p}_bias": shift,
+                f"{p}_mean": np.zeros_like(scale),
+                f"{p}_var": np.ones_like(scale),
+            }
+            new = [helper.make_node("BatchNormalization", [x, *consts], [y], name=p, epsilon=0.0)]
+        elif form == "gemm":
+            consts = {f"{p}_diag": np.diag(scale), f"{p}_bias": shift}
+            new = [helper.make_node("Gemm", [x, *consts], [y], name=p)]
+        else:
+            consts = {f"{p}_scale": scale.reshape(1, -1), f"{p}_shift": shift.reshape(1, -1)}
+            new = [
+                helper.make_node("Mul", [x, f"{p}_scale"], [f"{p}_mul"], name=f"{p}_mul"),
+                helper.make_node("Add", [f"{p}_mul", f"{p}_shift"], [y], name=f"{p}_add"),
+            ]
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+        nodes.extend(new)
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(dst))
-    return replaced
+    return found
 
 
 def _session(path: Path, optimized: Path | None = None) -> Any:
@@ -557,17 +620,27 @@ def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[
     }
     baked, baked_note = baked_files(model_dir)
     files.update(baked)
-    for name, form in (("spliced-bn", "bn"), ("spliced-gemm", "gemm")):
-        files[name] = model_dir / f"{name}.onnx"
-        rewrite_affines(files["spliced"], files[name], form)
+    import onnx
+
+    spliced_form, _ = _affine_sites(onnx.load(str(files["spliced"])))
+    alternatives = {}
+    for name, (form, what) in ALTERNATIVES.items():
+        if form != spliced_form:
+            files[name] = model_dir / f"{name}.onnx"
+            rewrite_affines(files["spliced"], files[name], form)
+            alternatives[name] = what
     files["bare-2"] = files["bare"]
-    sessions = {name: _session(path) for name, path in files.items()}
+    # Several sessions per variant, used in turn: two sessions of one file can differ by
+    # 15-25% at some batch sizes (buffer placement), which a single session would book
+    # as a difference between variants. "bare-2" (A/A) shows what remains.
+    k = cfg["sessions"]
+    sessions = {name: [_session(path) for _ in range(k)] for name, path in files.items()}
+    sessions["separate"] = [_session(files["bare"]) for _ in range(k)]
     in_s, in_t = (np.asarray(a, dtype=dtype) for a in in_scaler.affine())
     out_s, out_t = (np.asarray(a, dtype=dtype) for a in out_scaler.inverse_affine())
-    bare_run = sessions["bare"].run
 
-    def separate(x: np.ndarray) -> np.ndarray:
-        y = bare_run(None, {"input": x * in_s + in_t})[0]
+    def separate(run: Callable[..., Any], x: np.ndarray) -> np.ndarray:
+        y = run(None, {"input": x * in_s + in_t})[0]
         return y * out_s + out_t
 
     data = io.load_columns(demo.data_path(), demo.INPUTS)
@@ -578,34 +651,38 @@ def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[
         "sigmoid (Munsell demo)",
         "baked_note": baked_note,
         "optimized_ops": {n: _optimized_ops(p, work) for n, p in files.items() if n != "bare-2"},
-        "candidates": CANDIDATES,
+        "spliced_form": spliced_form,
+        "alternatives": alternatives,
         "batches": {},
     }
     for batch in INFERENCE_BATCHES:
         raw = np.ascontiguousarray(data[rng.integers(0, len(data), batch)].astype(dtype))
         norm = np.ascontiguousarray(raw * in_s + in_t)
-        calls: dict[str, Callable[[], Any]] = {}
-        for name, sess in sessions.items():
+        calls: dict[str, list[Callable[[], Any]]] = {}
+        for name, group in sessions.items():
+            if name == "separate":
+                calls[name] = [functools.partial(separate, sess.run, raw) for sess in group]
+                continue
             feed = {"input": norm if name.startswith("bare") else raw}
-            calls[name] = functools.partial(sess.run, None, feed)
-        calls["separate"] = functools.partial(separate, raw)
+            calls[name] = [functools.partial(sess.run, None, feed) for sess in group]
         # Same function, same rows: the baked-in files against the separate-file approach.
-        reference = calls["separate"]()
+        reference = calls["separate"][0]()
         span = out_scaler.span()
         agreement = {
-            name: float(np.max(np.abs(calls[name]()[0] - reference) / span))
+            name: float(np.max(np.abs(calls[name][0]()[0] - reference) / span))
             for name in calls
             if not name.startswith("bare") and name != "separate"
         }
         names = [v for v in INFERENCE_VARIANTS if v in calls]
-        for fn in calls.values():  # warm up (allocations, first-run planning)
-            for _ in range(20):
-                fn()
+        for group in calls.values():  # warm up (allocations, first-run planning)
+            for fn in group:
+                for _ in range(20):
+                    fn()
         block = {}
         for name in names:  # calls per timed block, so one block lasts ~block_seconds
             t0 = time.perf_counter()
             for _ in range(20):
-                calls[name]()
+                calls[name][0]()
             per_call = (time.perf_counter() - t0) / 20
             block[name] = max(1, round(cfg["block_seconds"] / per_call))
         times: dict[str, list[float]] = {n: [] for n in names}
@@ -617,11 +694,14 @@ def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[
                 order = names[r % len(names) :] + names[: r % len(names)]
                 this_round = {}
                 for name in order:
-                    fn, k = calls[name], block[name]
+                    group = calls[name]
+                    # each variant walks through its sessions, offset so pairs vary
+                    fn = group[(r + names.index(name)) % len(group)]
+                    n_calls = block[name]
                     t0 = clock()
-                    for _ in range(k):
+                    for _ in range(n_calls):
                         fn()
-                    this_round[name] = (clock() - t0) / k
+                    this_round[name] = (clock() - t0) / n_calls
                 for name, value in this_round.items():
                     times[name].append(value)
                     if name != "bare":
@@ -630,6 +710,7 @@ def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[
             gc.enable()
         entry = {
             "rounds": cfg["rounds"],
+            "sessions_per_variant": k,
             "calls_per_block": block,
             "median_us": {n: 1e6 * statistics.median(v) for n, v in times.items()},
             "ratio_to_bare": {n: statistics.median(v) for n, v in ratios.items()},
@@ -768,6 +849,7 @@ def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str,
 
     X, Y = io.load_table(demo.data_path(), [demo.INPUTS, demo.TARGETS])
     epochs = cfg["train_epochs"]
+    options = demo_options()
     runs: dict[str, list[float]] = {"float32": [], "float64": []}
     rows = 0
     for _ in range(cfg["train_repeats"]):
@@ -777,13 +859,10 @@ def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str,
                 Y,
                 input_columns=demo.INPUTS,
                 target_columns=demo.TARGETS,
-                hidden=demo.HIDDEN,
-                activation="sigmoid",
                 dtype=dtype,
                 epochs=epochs,
-                batch_size=demo.BATCH_SIZE,
-                lr=demo.LR,
                 progress=False,
+                **options,
             )
             rows = result.settings["train_rows"]
             per_epoch = (rows // demo.BATCH_SIZE) * demo.BATCH_SIZE  # full batches only
@@ -791,6 +870,7 @@ def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str,
     out = {
         "network": f"3-{'-'.join(map(str, demo.HIDDEN))}-2 sigmoid, Adam, batch "
         f"{demo.BATCH_SIZE}, {epochs} epochs per run, validation pass each epoch included",
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "train_rows": rows,
         "samples_per_second": {k: statistics.median(v) for k, v in runs.items()},
         "runs": runs,
@@ -879,8 +959,11 @@ def format_table(results: dict[str, Any]) -> str:
                     f"{'' if iqr is None else f'{iqr[0]:.3f}–{iqr[1]:.3f}':>15} "
                     f"{'' if sep is None else f'{sep:.3f}':>11}"
                 )
-        for name, what in inf.get("candidates", {}).items():
-            lines.append(f"   {name}: candidate, not normexport's output: {what}")
+        lines.append(
+            f"   spliced = normexport's model.onnx, whose affines are {inf['spliced_form']}"
+        )
+        for name, what in inf.get("alternatives", {}).items():
+            lines.append(f"   {name}: {what} (the bench's rewrite of model.onnx)")
         if inf.get("baked_note"):
             lines.append(f"   baked: {inf['baked_note']}")
         for check, value in inf["targets"].items():
