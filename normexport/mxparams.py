@@ -8,7 +8,9 @@ clear message instead of reaching MXNet's C++ parser, which can abort the proces
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,20 +24,27 @@ ARRAY_MAGICS = (0xF993FAC9, 0xF993FACA)  # NDARRAY_V2_MAGIC, NDARRAY_V3_MAGIC
 DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype("<f4"), 1: np.dtype("<f8"), 2: np.dtype("<f2")}
 MAX_NDIM = 8
 MAX_ARRAYS = 1_000_000
+MAX_ELEMENTS = 2**34  # as checkpoint.MAX_ELEMENTS: no regression net has a larger tensor
 
 
 def read_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Every named array in a ``.params`` file, keys as stored (``arg:``/``aux:`` kept)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise FormatError(f"{path}: is a directory, expected a params file")
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO or device would block or never end: only regular files are read.
+            raise FormatError(f"{path}: not a regular file, expected a params file")
+        size = info.st_size
         handle = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a directory, expected a params file") from None
     except PermissionError:
         raise FormatError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror})") from None
     with handle:
         reader = _Reader(handle, size, path)
         if reader.u64() != LIST_MAGIC:
@@ -89,6 +98,9 @@ class _Reader:
         shape = tuple(struct.unpack(f"<{ndim}q", self.take(8 * ndim))) if ndim else ()
         if any(d < 0 for d in shape):
             raise FormatError(f"{where}: negative dimension in shape {shape}")
+        count = math.prod(shape)  # a Python int: no int64 wrap-around on hostile shapes
+        if count > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):
+            raise FormatError(f"{where}: shape {shape} has more than {MAX_ELEMENTS} elements")
         if ndim == 0 and magic == ARRAY_MAGICS[0]:
             return np.zeros((0,), np.float32)  # V2 writes nothing more for an empty array
         self.take(8)  # context: device type and id
@@ -96,7 +108,6 @@ class _Reader:
         if flag not in DTYPES:
             raise FormatError(f"{where}: element type {flag} is not a float type")
         dtype = DTYPES[flag]
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         nbytes = count * dtype.itemsize
         if nbytes > self.size - self.handle.tell():
             raise FormatError(f"{where}: shape {shape} needs more bytes than the file has left")
