@@ -1026,6 +1026,115 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(results: dict[str, Any], large: dict[str, Any] | None = None) -> str:
+    """Markdown tables of a results file (and a scripts/large_model result), for the docs."""
+    env = results["environment"]
+    out = [
+        f"<!-- from bench-results/bench-{results['started']}.json (git {env['git']}, "
+        f"{'quick' if results['quick'] else 'full'} run) -->",
+    ]
+    for dtype, inf in results.get("inference", {}).items():
+        batches = list(inf["batches"])
+        out += [
+            "",
+            f"**{dtype}**, {inf['model']}; median time per call (µs) and median per-round "
+            f"ratio to `bare` ({inf['batches'][batches[0]]['rounds']} rounds, "
+            f"{inf['batches'][batches[0]].get('sessions_per_variant', 1)} sessions per variant):",
+            "",
+            "| variant | " + " | ".join(f"batch {b}: µs | × bare" for b in batches) + " |",
+            "| --- | " + " | ".join("---: | ---:" for _ in batches) + " |",
+        ]
+        for name in inf["batches"][batches[0]]["median_us"]:
+            cells = []
+            for b in batches:
+                entry = inf["batches"][b]
+                ratio = entry["ratio_to_bare"].get(name)
+                cells += [
+                    f"{entry['median_us'][name]:.2f}",
+                    "1" if ratio is None else f"{ratio:.3f}",
+                ]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        sep = inf["batches"][batches[0]].get("ratio_to_separate", {})
+        if sep:
+            out += [
+                "",
+                f"At batch {batches[0]}, time relative to the separate-file approach: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in sep.items())
+                + ".",
+            ]
+    exp = results.get("export")
+    if exp:
+        b = exp["baseline"]
+        out += [
+            "",
+            f"Baseline: {b['python_only']['rss_mib']:.0f} MiB for the bare interpreter, "
+            f"{b['with_imports']['rss_mib']:.0f} MiB after importing mxnet, onnx, "
+            "onnxruntime and normexport.",
+            "",
+            "| case | parameters | model MiB | wall s | peak − baseline MiB | × model |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for case in exp["cases"]:
+            params = f"{case['parameters']:,}" if case["parameters"] else "(demo)"
+            out.append(
+                f"| {case['name']} | {params} | {case['model_mib']:.2f} | "
+                f"{case['wall_seconds']:.2f} | {case['peak_beyond_baseline_mib']:.0f} | "
+                f"{case['peak_over_model']:.2f} |"
+            )
+        largest = max(exp["cases"], key=lambda c: (c["model_mib"], not c["external_data"]))
+        base = largest["baseline"]["rss_mib"]
+        out += [
+            "",
+            f"Stages of {largest['name']} (peak RSS within each stage, beyond the baseline):",
+            "",
+            "| stage | s | peak − baseline MiB | × model |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, stage in largest["stages"].items():
+            beyond = stage["peak_mib"] - base
+            out.append(
+                f"| {name} | {stage['seconds']:.2f} | {beyond:.0f} | "
+                f"{beyond / largest['model_mib']:.2f} |"
+            )
+    tr = results.get("training")
+    if tr:
+        out += [
+            "",
+            f"Training ({tr['network']}, {tr['train_rows']} training rows): "
+            + ", ".join(f"{k} {v:,.0f} samples/s" for k, v in tr["samples_per_second"].items())
+            + " (median of runs).",
+        ]
+    ver = results.get("verification")
+    if ver:
+        out += [
+            "",
+            "| rows | wall s | rows/s | peak − start MiB | onnxruntime s | mxnet s | numpy s "
+            "| onnx.reference s |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for case in ver["cases"]:
+            rt = case["runtime_seconds"]
+            out.append(
+                f"| {case['rows']:,} | {case['wall_seconds']:.2f} | "
+                f"{case['rows_per_second']:,.0f} | {case['peak_beyond_start_mib']:.0f} | "
+                + " | ".join(
+                    f"{rt.get(k, 0):.2f}"
+                    for k in ("onnxruntime", "mxnet", "numpy", "onnx.reference")
+                )
+                + " |"
+            )
+    if large:
+        res = large["export"]
+        out += [
+            "",
+            f"Large model: {large['parameters']:,} float32 parameters "
+            f"({large['params_bytes'] / 2**30:.2f} GiB), {res['wall_seconds']:.0f} s, peak RSS "
+            f"{res['peak_mib'] / 1024:.2f} GiB ({large['peak_over_model']:.2f}× the model beyond "
+            "the baseline).",
+        ]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a one-minute version")
@@ -1036,6 +1145,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, help="override the number of inference rounds")
     parser.add_argument("--keep-work", action="store_true", help="keep bench-results/work")
+    parser.add_argument(
+        "--markdown",
+        metavar="RESULTS_JSON",
+        help="print markdown tables of an earlier results file instead of running",
+    )
+    parser.add_argument("--large", metavar="JSON", help="with --markdown: a large_model result")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("worker_args", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1043,6 +1158,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[args.worker](json.loads(args.worker_args or "{}"))))
         return 0
 
+    if args.markdown:
+        large = json.loads(Path(args.large).read_text()) if args.large else None
+        print(format_markdown(json.loads(Path(args.markdown).read_text()), large), end="")
+        return 0
     os.environ.setdefault("MPLBACKEND", "Agg")
     cfg = dict(QUICK if args.quick else FULL)
     if args.rounds:
