@@ -136,16 +136,24 @@ def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
 
 
 def mxnet_runtime(directory: Path, dtype: str) -> Runtime:
+    """The raw-in/raw-out MXNet model, loaded for inference only.
+
+    Not ``SymbolBlock.imports``: it allocates gradient buffers as large as the weights.
+    """
     import warnings
 
     import mxnet as mx
 
+    symbol = mx.sym.load(str(io.symbol_file(directory, io.MODEL_PREFIX)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        block = mx.gluon.SymbolBlock.imports(
-            str(io.symbol_file(directory, io.MODEL_PREFIX)),
-            ["data"],
+        block = mx.gluon.SymbolBlock(symbol, [mx.sym.var("data")])
+        block.collect_params().setattr("grad_req", "null")
+        block.collect_params().load(
             str(io.params_file(directory, io.MODEL_PREFIX)),
+            ctx=mx.cpu(),
+            cast_dtype=True,
+            dtype_source="saved",
         )
     return lambda X: block(mx.nd.array(X, dtype=dtype)).asnumpy()
 
@@ -273,7 +281,7 @@ def _chunks(X: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 def compare(
-    runtimes: dict[str, Runtime],
+    runtimes: dict[str, Callable[[], Runtime]],
     X: np.ndarray,
     *,
     outputs: list[str],
@@ -281,63 +289,84 @@ def compare(
     dtype: str,
     rtol: float,
     sample_only: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset(),
     chunk_rows: int = CHUNK_ROWS,
-) -> list[PairResult]:
-    """Run ``X`` through every runtime chunk by chunk; collect per-pair maximum errors.
+) -> tuple[list[PairResult], dict[str, str]]:
+    """Run ``X`` through each runtime in turn and compare every pair.
 
-    Runtimes in ``sample_only`` see only the first :data:`REFERENCE_ROWS` rows.
+    ``runtimes`` maps names to *factories*: one runtime is loaded at a time, runs all
+    rows in chunks, keeps only its outputs, and is released before the next loads, so
+    a large model is in memory once, not once per runtime. Runtimes in ``sample_only``
+    see only the first :data:`REFERENCE_ROWS` rows. A runtime in ``optional`` that
+    cannot be loaded is skipped (returned with the reason) instead of failing.
     """
-    names = list(runtimes)
-    pairs = list(itertools.combinations(names, 2))
-    worst = {p: np.zeros(len(outputs)) for p in pairs}
-    counted = dict.fromkeys(pairs, 0)
-    seen = 0
+    import gc
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=X.shape[0],
+    results: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    X = X.astype(dtype)
+    total = sum(min(len(X), REFERENCE_ROWS) if n in sample_only else len(X) for n in runtimes)
+    with tqdm(
+        total=total,
         desc="verifying",
         unit="row",
         file=sys.stderr,
         disable=not sys.stderr.isatty() or X.shape[0] <= chunk_rows,
-    )
-    for chunk in _chunks(X.astype(dtype), chunk_rows):
-        results = {}
-        for name in names:
-            part = chunk
-            if name in sample_only:
-                part = chunk[: max(0, REFERENCE_ROWS - seen)]
-                if not len(part):
-                    continue
-            out = np.asarray(runtimes[name](part), dtype=np.float64)
-            if out.shape != (part.shape[0], len(outputs)):
-                raise NormexportError(
-                    f"{name} returned shape {out.shape}, expected {(part.shape[0], len(outputs))}"
-                )
-            results[name] = out
-        for a, b in pairs:
-            if a in results and b in results:
-                n = min(len(results[a]), len(results[b]))
-                diff = _disagreement(results[a][:n], results[b][:n])
-                worst[(a, b)] = np.maximum(worst[(a, b)], diff.max(axis=0, initial=0.0))
-                counted[(a, b)] += n
-        seen += chunk.shape[0]
-        bar.update(chunk.shape[0])
-    bar.close()
-    results_list = []
-    for a, b in pairs:
-        rel = worst[(a, b)] / span
-        results_list.append(
+    ) as bar:
+        for name, make in runtimes.items():
+            rows = X[:REFERENCE_ROWS] if name in sample_only else X
+            try:
+                run = make()
+            except (ImportError, NotImplementedError, NormexportError, OSError) as exc:
+                if name not in optional:
+                    raise
+                skipped[name] = first_line(exc)
+                continue
+            parts = []
+            for chunk in _chunks(rows, chunk_rows):
+                out = np.asarray(run(chunk), dtype=np.float64)
+                if out.shape != (chunk.shape[0], len(outputs)):
+                    raise NormexportError(
+                        f"{name} returned shape {out.shape}, "
+                        f"expected {(chunk.shape[0], len(outputs))}"
+                    )
+                parts.append(out)
+                bar.update(chunk.shape[0])
+            results[name] = np.concatenate(parts)
+            del run, parts
+            gc.collect()
+    return _pair_results(results, outputs, span, rtol, chunk_rows), skipped
+
+
+def _pair_results(
+    results: dict[str, np.ndarray],
+    outputs: list[str],
+    span: np.ndarray,
+    rtol: float,
+    chunk_rows: int,
+) -> list[PairResult]:
+    pairs = []
+    for a, b in itertools.combinations(results, 2):
+        n = min(len(results[a]), len(results[b]))
+        worst = np.zeros(len(outputs))
+        for start in range(0, n, chunk_rows):
+            stop = min(n, start + chunk_rows)
+            diff = _disagreement(results[a][start:stop], results[b][start:stop])
+            worst = np.maximum(worst, diff.max(axis=0, initial=0.0))
+        rel = worst / span
+        pairs.append(
             PairResult(
                 a=a,
                 b=b,
-                rows=counted[(a, b)],
-                max_abs=dict(zip(outputs, worst[(a, b)].tolist(), strict=True)),
+                rows=n,
+                max_abs=dict(zip(outputs, worst.tolist(), strict=True)),
                 max_rel=dict(zip(outputs, rel.tolist(), strict=True)),
                 ok=bool(np.all(rel <= rtol)),
             )
         )
-    return results_list
+    return pairs
 
 
 def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -390,29 +419,25 @@ def verify_directory(
     edges = edge_rows(in_scaler)
     all_rows = np.concatenate([edges, data])  # edges first: onnx.reference's sample has them
 
-    runtimes: dict[str, Runtime] = {"onnxruntime": onnxruntime_runtime(onnx_path)}
-    skipped: dict[str, str] = {}
-    for name, make in (
-        ("mxnet", lambda: mxnet_runtime(directory, dtype)),
-        ("numpy", lambda: numpy_runtime(directory, in_scaler, out_scaler)),
-        ("onnx.reference", lambda: onnx_reference_runtime(onnx_path)),
-    ):
-        try:
-            runtimes[name] = make()
-        except (ImportError, NotImplementedError, NormexportError, OSError) as exc:
-            skipped[name] = first_line(exc)
     tolerance = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
     span = out_scaler.span()
-    pairs = compare(
-        runtimes,
+    pairs, skipped = compare(
+        {
+            "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
+            "mxnet": lambda: mxnet_runtime(directory, dtype),
+            "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),
+            "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
+        },
         all_rows,
         outputs=list(out_scaler.columns_),
         span=span,
         dtype=dtype,
         rtol=tolerance,
         sample_only=frozenset({"onnx.reference"}),
+        optional=frozenset({"mxnet", "numpy", "onnx.reference"}),
         chunk_rows=chunk_rows,
     )
+    runtimes = [n for n in ("onnxruntime", "mxnet", "numpy", "onnx.reference") if n not in skipped]
     return VerificationReport(
         ok=all(p.ok for p in pairs) and len(runtimes) >= 2,
         dtype=dtype,
@@ -422,7 +447,7 @@ def verify_directory(
         edge_rows=int(edges.shape[0]),
         outputs=list(out_scaler.columns_),
         output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
-        runtimes=list(runtimes),
+        runtimes=runtimes,
         skipped=skipped,
         pairs=pairs,
     )
