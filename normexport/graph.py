@@ -147,12 +147,14 @@ def _output_width(checkpoint: Checkpoint, input_name: str, n_inputs: int) -> int
     symbol, arg_params, aux_params = checkpoint
     shapes = {k: v.shape for k, v in (*arg_params.items(), *aux_params.items())}
     try:
-        _, out_shapes, _ = symbol.infer_shape(**{input_name: (1, n_inputs)}, **shapes)
+        # infer_shape_partial raises on contradictions like infer_shape, but does not
+        # print "infer_shape error. Arguments: ..." to stdout first.
+        _, out_shapes, _ = symbol.infer_shape_partial(**{input_name: (1, n_inputs)}, **shapes)
     except mx.base.MXNetError as exc:
         raise GraphError(
             f"the network does not accept {n_inputs} input columns: {first_line(exc)}"
         ) from exc
-    if out_shapes is None or len(out_shapes[0]) != 2:
+    if out_shapes is None or len(out_shapes[0]) != 2 or 0 in out_shapes[0]:
         raise GraphError(f"the network's output has shape {out_shapes}; expected (batch, n)")
     return int(out_shapes[0][1])
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -138,12 +139,18 @@ def _reject_constant(name: str) -> float:
 def read_small_file(path: Path, limit: int) -> bytes:
     """Read a whole file that must exist and be at most ``limit`` bytes."""
     try:
-        size = path.stat().st_size
-        if path.is_dir():
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
             raise FormatError(f"{path}: is a directory, expected a file")
-        if size > limit:
-            raise FormatError(f"{path}: {size} bytes, larger than the {limit}-byte limit")
-        return path.read_bytes()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device blocks or never ends
+            raise FormatError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise FormatError(f"{path}: {info.st_size} bytes, larger than the {limit}-byte limit")
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise FormatError(f"{path}: larger than the {limit}-byte limit")
+        return data
     except FileNotFoundError as exc:
         raise NormexportError(f"{path}: no such file") from exc
     except PermissionError as exc:
@@ -213,6 +220,8 @@ def _open_csv(path: Path) -> Iterator[IO[str]]:
     try:
         if path.is_dir():
             raise DataError(f"{path}: is a directory, expected a CSV file")
+        if path.exists() and not path.is_file():  # a FIFO or device blocks or never ends
+            raise DataError(f"{path}: not a regular file, expected a CSV file")
         with open(path, newline="", encoding="utf-8-sig") as handle:
             yield handle
     except FileNotFoundError as exc:
@@ -285,6 +294,8 @@ def load_factors(path: str | os.PathLike[str]) -> np.ndarray:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise FormatError(f"{path}: not a text file of numbers or a .npy array") from None
+        if not any(line.split("#")[0].strip() for line in text.splitlines()):
+            raise FormatError(f"{path}: empty, expected rows of (scale, shift)")
         try:
             delimiter = "," if "," in text else None
             array = np.loadtxt(text.splitlines(), delimiter=delimiter, ndmin=2)

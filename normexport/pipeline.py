@@ -9,9 +9,12 @@ previous complete directory or the new one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import platform
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -113,6 +116,7 @@ def export_directory(
 ) -> Path:
     """Re-export a directory written by :func:`train_to_directory` (``normexport export DIR``)."""
     model_dir = Path(model_dir)
+    repair(model_dir)  # a killed swap may have left DIR aside as .DIR.old-PID
     in_scaler, out_scaler, _ = load_scalers(model_dir / io.SCALERS_FILE)
     manifest = _read_manifest(model_dir)
     return export(
@@ -147,7 +151,10 @@ def train_to_directory(
     if scaler_cls is None:
         raise DataError(f"scaler must be minmax or standard, got {scaler!r}")
     in_scaler = scaler_cls().fit(X, columns=inputs)
-    out_scaler = scaler_cls().fit(Y, columns=targets, target=True)
+    try:
+        out_scaler = scaler_cls().fit(Y, columns=targets, target=True)
+    except DataError as exc:
+        raise DataError(f"{data_csv}: {exc}") from exc
     result = train(X, Y, in_scaler=in_scaler, out_scaler=out_scaler, **train_options)
     net_checkpoint = graph.from_block(result.net)
     dtype = result.settings["dtype"]
@@ -337,7 +344,33 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the call or the flag is unsupported (other systems, some
+    file systems), so the caller falls back to two renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_in(stage: Path, target: Path) -> None:
+    # One atomic exchange where possible: DIR is the old or the new directory at every
+    # instant, never absent; the stage path then holds the old one and is removed.
+    if target.is_dir() and _exchange(stage, target):
+        shutil.rmtree(stage, ignore_errors=True)
+        return
     old = target.parent / f".{target.name}{_OLD}{os.getpid()}"
     if target.exists():
         os.replace(target, old)
@@ -393,7 +426,17 @@ def export_files(
     model = ckpt.load_checkpoint(symbol, params)
     if scalers is not None:
         in_scaler, out_scaler, dtype = load_scalers(scalers)
-        net_dtype = graph.describe(model, in_scaler.n_features_in_).dtype
+        try:
+            info = graph.describe(model, in_scaler.n_features_in_)
+        except GraphError as exc:
+            raise GraphError(f"{exc} (input columns from {scalers})") from exc
+        if info.n_outputs != out_scaler.n_features_in_:
+            raise GraphError(
+                f"{scalers}: 'outputs' has {out_scaler.n_features_in_} columns "
+                f"({', '.join(out_scaler.columns_)}), but the network has "
+                f"{info.n_outputs} outputs"
+            )
+        net_dtype = info.dtype
         if dtype != net_dtype:
             raise GraphError(
                 f"{scalers}: dtype is {dtype}, but the network's parameters in {params} are "
@@ -456,7 +499,13 @@ def _model_scalers(path: Path) -> tuple[AffineScaler, AffineScaler, str]:
         raise NormexportError(f"{path}: has no normexport.scalers metadata; bake it first")
     import json
 
-    return scalers_from_dict(json.loads(meta["normexport.scalers"]), f"{path}: metadata")
+    try:
+        doc = json.loads(meta["normexport.scalers"])
+    except json.JSONDecodeError as exc:
+        raise NormexportError(
+            f"{path}: metadata normexport.scalers is not valid JSON ({exc})"
+        ) from exc
+    return scalers_from_dict(doc, f"{path}: metadata normexport.scalers")
 
 
 def load_input_rows(model: str | os.PathLike[str], data_csv: str | os.PathLike[str]) -> np.ndarray:

@@ -349,7 +349,10 @@ def scalers_from_dict(obj: Any, source: str = "scalers") -> tuple[AffineScaler, 
         raise FormatError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
     in_scaler = AffineScaler.from_dict(obj.get("inputs"), f"{source}: inputs")
     out_scaler = AffineScaler.from_dict(obj.get("outputs"), f"{source}: outputs")
-    out_scaler.check_target()
+    try:
+        out_scaler.check_target()
+    except DataError as exc:
+        raise FormatError(f"{source}: outputs: {exc}") from exc
     return in_scaler, out_scaler, dtype
 
 

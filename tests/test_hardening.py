@@ -288,8 +288,6 @@ CSV_CASES = [
         "constant-target",
         train_argv("const.csv", HEADER + "1,2,3,7,5\n2,3,4,7,6\n3,4,5,7,8\n"),
         ("const.csv", "'load' is constant"),
-        xfail="train_to_directory does not name the CSV when the target scaler refuses a "
-        "constant column",
     ),
     Case("binary", train_argv("binary.csv", b"\xff\xfe\x00\x01garbage"), ("binary.csv", "UTF-8")),
     Case("missing-file", train_argv("absent.csv", None), ("absent.csv", "no such file")),
@@ -801,13 +799,11 @@ SCALERS_CASES = [
         "input-width",
         scalers_edit("inwidth.json", drop_column("inputs")),
         ("inwidth.json", "3 inputs", "2"),
-        xfail="export_files lets graph.describe's width error through without the scalers file",
     ),
     Case(
         "output-width",
         scalers_edit("outwidth.json", drop_column("outputs")),
         ("outwidth.json", "2 outputs", "1"),
-        xfail="export's output-width check does not name the scalers file",
     ),
     Case(
         "ragged-widths",
@@ -865,7 +861,6 @@ SCALERS_CASES = [
             lambda d: d["outputs"]["data_max"].__setitem__(0, d["outputs"]["data_min"][0]),
         ),
         ("const.json", "'load' is constant"),
-        xfail="scalers_from_dict calls check_target() without the file name",
     ),
     Case(
         "pickle",
@@ -1031,7 +1026,6 @@ FACTORS_CASES = [
         factors_text("empty.txt", ""),
         ("empty.txt",),
         isolate=True,  # the warning reaches stderr only outside pytest's warning capture
-        xfail="np.loadtxt warns 'input contained no data' on stderr: the error is not one line",
     ),
     Case(
         "pickle",
@@ -1184,7 +1178,6 @@ ONNX_CASES = [
         ("model.onnx", "normexport.scalers", "not valid JSON"),
         untouched=lambda ws: [ws.root / "onnx-meta"],
         absent=lambda ws: ws.root / "pred.csv",
-        xfail="pipeline._model_scalers json.loads the metadata unguarded: JSONDecodeError, exit 3",
     ),
     Case(
         "predict-fails-when-run",
@@ -1192,8 +1185,6 @@ ONNX_CASES = [
         ("model.onnx", "onnxruntime"),
         untouched=lambda ws: [ws.root / "onnx-reshape"],
         absent=lambda ws: ws.root / "pred.csv",
-        xfail="onnxruntime_runtime does not wrap session.run: a model that fails when run "
-        "gives an internal error, exit 3",
     ),
 ]
 
@@ -1220,10 +1211,6 @@ def verify_dir_with(name: str, file: str, make):
     return argv
 
 
-VERIFY_MXNET_FIX = (
-    "verification.mxnet_runtime reads model-* with MXNet's C++ loaders (no validation) and "
-    "verify_directory turns broken files into 'skipped' runtimes"
-)
 VERIFY_DIR_CASES = [
     Case(
         "model-params-truncated",
@@ -1234,21 +1221,18 @@ VERIFY_DIR_CASES = [
         ),
         ("model-0000.params", "truncated"),
         untouched=lambda ws: [ws.root / "verify-mparams"],
-        xfail=VERIFY_MXNET_FIX,
     ),
     Case(
         "model-params-missing",
         verify_dir_with("mnoparams", "model-0000.params", None),
         ("model-0000.params", "no such file"),
         untouched=lambda ws: [ws.root / "verify-mnoparams"],
-        xfail=VERIFY_MXNET_FIX,
     ),
     Case(
         "model-symbol-garbage",
         verify_dir_with("msymbol", "model-symbol.json", lambda ws: b"garbage"),
         ("model-symbol.json", "not valid JSON"),
         untouched=lambda ws: [ws.root / "verify-msymbol"],
-        xfail=VERIFY_MXNET_FIX,
     ),
     Case(
         "model-symbol-hostile",
@@ -1265,14 +1249,12 @@ VERIFY_DIR_CASES = [
         ("model-symbol.json", "refers to output 3"),
         untouched=lambda ws: [ws.root / "verify-mhostile"],
         isolate=True,
-        xfail=VERIFY_MXNET_FIX + " (this one aborts the process: malloc(): corrupted top size)",
     ),
     Case(
         "net-symbol-garbage",
         verify_dir_with("nsymbol", "net-symbol.json", lambda ws: b"garbage"),
         ("net-symbol.json", "not valid JSON"),
         untouched=lambda ws: [ws.root / "verify-nsymbol"],
-        xfail=VERIFY_MXNET_FIX + "; today the NumPy runtime is skipped and verify PASSes",
     ),
     Case(
         "scalers-garbage",
@@ -1420,17 +1402,12 @@ def run_with_deadline(argv, fifo: Path, seconds: float = 2.5):
     return hung, result.get("code"), err.getvalue()
 
 
-READ_SMALL_FILE_FIX = "io.read_small_file and io._open_csv open FIFOs and devices (blocks forever)"
 FIFO_CASES = [
     pytest.param("symbol", id="symbol"),
     pytest.param("params", id="params"),
-    pytest.param(
-        "scalers", id="scalers", marks=pytest.mark.xfail(strict=True, reason=READ_SMALL_FILE_FIX)
-    ),
-    pytest.param(
-        "factors", id="factors", marks=pytest.mark.xfail(strict=True, reason=READ_SMALL_FILE_FIX)
-    ),
-    pytest.param("csv", id="csv", marks=pytest.mark.xfail(strict=True, reason=READ_SMALL_FILE_FIX)),
+    pytest.param("scalers", id="scalers"),
+    pytest.param("factors", id="factors"),
+    pytest.param("csv", id="csv"),
 ]
 
 
@@ -1646,11 +1623,6 @@ def test_next_export_clears_stale_leftovers(capsys, ws, tmp_path):
     assert leftovers(target) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export_directory reads DIR/scalers.json before model_directory() runs repair(), "
-    "so a DIR moved aside by a killed swap is reported missing instead of put back",
-)
 def test_next_export_repairs_a_directory_moved_aside(capsys, ws, tmp_path):
     """The state a kill between the two renames of a swap leaves: no DIR, the complete
     previous one at .DIR.old-PID, the new one (complete but manifest-less) staged."""
@@ -1664,11 +1636,6 @@ def test_next_export_repairs_a_directory_moved_aside(capsys, ws, tmp_path):
     assert leftovers(target) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline._swap_in renames DIR aside before renaming the stage in: a kill between "
-    "the two leaves no DIR at all (only .DIR.old-PID) until the next run repairs it",
-)
 def test_kill_at_the_swap_leaves_a_complete_directory(ws, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(ws.model, target)
@@ -1732,11 +1699,6 @@ def test_reexport_gives_identical_bytes(ws, tmp_path):
     assert snapshot(again) == snapshot(third)  # re-exporting an export changes nothing at all
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graph._output_width calls Symbol.infer_shape, which prints 'infer_shape error. "
-    "Arguments: ...' to stdout before raising, and export_files does not name the scalers file",
-)
 def test_width_mismatch_past_the_first_layer_is_one_line(capsys, ws, tmp_path):
     """A network whose first op is not FullyConnected: the input width is found only by
     shape inference, and a scalers.json of the wrong width must still give one line."""
