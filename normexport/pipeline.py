@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -62,14 +62,42 @@ def export(
     failing verification raises :class:`~normexport.errors.VerificationError`
     leaving any previous directory untouched.
     """
+    return _export(
+        lambda: _as_checkpoint(model),
+        in_scaler,
+        out_scaler,
+        Path(out_dir),
+        mode=mode,
+        opset=opset,
+        verify_rows=verify_rows,
+        training=training,
+        write_net=True,
+    )
+
+
+def _export(
+    load: Callable[[], Any],
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    out_dir: Path,
+    *,
+    mode: str,
+    opset: int,
+    verify_rows: np.ndarray | None,
+    training: dict[str, Any] | None,
+    write_net: bool,
+) -> Path:
+    """:func:`export` with the checkpoint loaded by ``load`` (so that only this function
+    holds it and can release it before verification). ``write_net=False`` keeps the
+    directory's own ``net-*`` (re-exporting a trained directory need not rewrite it)."""
     from normexport import graph
+    from normexport.to_onnx import check_opset
+    from normexport.verification import verify_directory
 
     if mode not in MODES:
         raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    from normexport.to_onnx import check_opset
-
     check_opset(opset)
-    checkpoint = _as_checkpoint(model)
+    checkpoint = load()
     info = graph.describe(checkpoint, in_scaler.n_features_in_)
     if info.n_outputs != out_scaler.n_features_in_:
         raise GraphError(
@@ -79,23 +107,30 @@ def export(
     out_scaler.check_target()
     scalers = scalers_to_dict(in_scaler, out_scaler, info.dtype)
     with model_directory(out_dir) as stage:
-        report = _write_export(
+        fold = _write_model_files(
+            stage, checkpoint, scalers, in_scaler, out_scaler, info, mode, opset, write_net
+        )
+        # Verification loads the model again, runtime by runtime: drop our copy first.
+        del checkpoint
+        report = verify_directory(stage, verify_rows)
+        _write_manifest(
             stage,
-            checkpoint,
-            scalers,
-            in_scaler,
-            out_scaler,
-            info,
-            mode,
-            opset,
-            verify_rows,
-            training,
+            {
+                "mode": mode,
+                "fold": fold,
+                "opset": opset,
+                "dtype": info.dtype,
+                "inputs": list(in_scaler.columns_),
+                "outputs": list(out_scaler.columns_),
+                "training": training,
+                "verification": report.summary(),
+            },
         )
         if not report.ok:
             raise VerificationError(
                 "verification failed; the export was not written\n" + report.table()
             )
-    return Path(out_dir)
+    return out_dir
 
 
 def verify(
@@ -119,14 +154,16 @@ def export_directory(
     repair(model_dir)  # a killed swap may have left DIR aside as .DIR.old-PID
     in_scaler, out_scaler, _ = load_scalers(model_dir / io.SCALERS_FILE)
     manifest = _read_manifest(model_dir)
-    return export(
-        str(model_dir / io.NET_PREFIX),
+    return _export(
+        lambda: _as_checkpoint(str(model_dir / io.NET_PREFIX)),
         in_scaler,
         out_scaler,
         model_dir,
         mode=mode,
         opset=opset,
+        verify_rows=None,
         training=manifest.get("training") if manifest else None,
+        write_net=False,
     )
 
 
@@ -201,7 +238,7 @@ def _as_checkpoint(model: Any) -> Any:
     )
 
 
-def _write_export(
+def _write_model_files(
     stage: Path,
     checkpoint: Any,
     scalers: dict[str, Any],
@@ -210,12 +247,11 @@ def _write_export(
     info: Any,
     mode: str,
     opset: int,
-    verify_rows: np.ndarray | None,
-    training: dict[str, Any] | None,
-) -> Any:
+    write_net: bool,
+) -> dict[str, str]:
+    """scalers.json, net-*, model-* and model.onnx; returns the fold plan."""
     from normexport import checkpoint as ckpt
     from normexport import graph, to_onnx
-    from normexport.verification import verify_directory
 
     in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
     if mode == "fold":
@@ -225,7 +261,8 @@ def _write_export(
         model = graph.splice(checkpoint, in_affine, out_affine)
         fold = {"input": "spliced", "output": "spliced"}
     io.write_json(stage / io.SCALERS_FILE, scalers)
-    ckpt.save_checkpoint(checkpoint, stage, io.NET_PREFIX)
+    if write_net:
+        ckpt.save_checkpoint(checkpoint, stage, io.NET_PREFIX)
     ckpt.save_checkpoint(model, stage, io.MODEL_PREFIX)
     for stale in stage.glob(io.ONNX_FILE + "*"):
         stale.unlink()
@@ -238,21 +275,7 @@ def _write_export(
         opset=opset,
         metadata=to_onnx.metadata_entries(mode, scalers, fold),
     )
-    report = verify_directory(stage, verify_rows)
-    _write_manifest(
-        stage,
-        {
-            "mode": mode,
-            "fold": fold,
-            "opset": opset,
-            "dtype": info.dtype,
-            "inputs": list(in_scaler.columns_),
-            "outputs": list(out_scaler.columns_),
-            "training": training,
-            "verification": report.summary(),
-        },
-    )
-    return report
+    return fold
 
 
 def _write_manifest(stage: Path, fields: dict[str, Any]) -> None:
