@@ -496,8 +496,7 @@ def _save(model: onnx.ModelProto, path: Path, source_dir: Path, external: bool) 
         params[tensor.name] = array
     if not params:
         return to_onnx.save_model(model, path)
-    model, chunks = to_onnx.attach_weights(model, params, external=path.name + ".data")
-    return to_onnx.save_model(model, path, chunks)
+    return to_onnx.write_model(model, path, params, external=path.name + ".data")
 
 
 def _external_array(tensor: TensorProto, source_dir: Path) -> np.ndarray | None:

@@ -5,7 +5,8 @@ stand-ins for the weights (right shape and dtype, no values), so the op translat
 as usual while the weight values never pass through Python lists: the exporter would
 otherwise copy every parameter into ``float_data`` at about 52 bytes per float32 value,
 and it serializes the whole graph, which fails beyond protobuf's 2 GB limit. The values
-are attached afterwards as ``raw_data`` (or as external data for large models).
+are written afterwards, one tensor at a time, as ``raw_data`` (or as external data for
+large models): see :func:`write_model`.
 
 Post-processing is an ordered list of pure ``ModelProto -> ModelProto`` passes; see
 :data:`PASSES` for why the order matters.
@@ -97,7 +98,7 @@ class _Unfilled(Sequence[float]):
     """A sequence with a tensor's length but a single value: what the exporter copies.
 
     One value (not none) keeps the exporter's own ``check_graph`` content; the real
-    values replace it in :func:`attach_weights`.
+    values replace it in :func:`write_model`.
     """
 
     def __init__(self, size: int) -> None:
@@ -393,42 +394,105 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 # --------------------------------------------------------------------------- weights
 
 
-def attach_weights(
-    model: onnx.ModelProto, params: dict[str, Any], *, external: str | None = None
-) -> tuple[onnx.ModelProto, list[tuple[int, np.ndarray]]]:
-    """Fill the hollow initializers from ``params`` (name -> array with ``asnumpy``).
+def write_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    params: dict[str, Any] | None = None,
+    *,
+    external: str | None = None,
+) -> list[Path]:
+    """Write ``model`` atomically, filling the initializers named in ``params`` one
+    tensor at a time; return the files written.
 
-    Without ``external``, values go into ``raw_data``. With ``external`` (a file name
-    relative to the model), initializers reference that file at offsets; the returned
-    list of ``(offset, array)`` is what :func:`save_model` writes there.
+    ``params`` maps initializer names to arrays (NumPy, memory maps, or anything with
+    ``asnumpy()``), read only while that tensor is written, so the weights are never
+    all copied into the protobuf. Without ``external`` they are streamed into the file
+    as ``raw_data``: the weightless model is serialized first, then each tensor as a
+    ``graph.initializer`` entry of its own (protobuf merges repeated fields that follow,
+    so the file parses as one model). With ``external`` (a file name relative to the
+    model), they are written to that file and referenced by offset, as onnx's external
+    data format describes.
     """
+    path = Path(path)
     model = _copy(model)
-    chunks: list[tuple[int, np.ndarray]] = []
-    offset = 0
-    for tensor in model.graph.initializer:
-        if tensor.name not in params:
-            continue  # a constant the exporter made itself (shapes, axes): already filled
-        value = params[tensor.name]
-        array = np.ascontiguousarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
-        if int(np.prod(tensor.dims)) != array.size:
-            raise GraphError(f"initializer {tensor.name}: shape {array.shape} != {tensor.dims}")
-        for field in ("float_data", "double_data", "int32_data", "int64_data"):
+    params = params or {}
+    filled = [t for t in model.graph.initializer if t.name in params]
+    for tensor in filled:
+        for field in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
             tensor.ClearField(field)
-        if external is None:
-            tensor.raw_data = array.tobytes()
-        else:
-            offset = -(-offset // 64) * 64  # align like onnx's own external data writer
-            tensor.data_location = TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, val in (
-                ("location", external),
-                ("offset", str(offset)),
-                ("length", str(array.nbytes)),
-            ):
-                tensor.external_data.append(onnx.StringStringEntryProto(key=key, value=val))
-            chunks.append((offset, array))
-            offset += array.nbytes
-    return model, chunks
+    if external is None:
+        kept = [t for t in model.graph.initializer if t.name not in params]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        with io.atomic_write(path) as handle:
+            handle.write(model.SerializeToString())
+            for tensor in filled:
+                array = _tensor_array(tensor, params[tensor.name])
+                handle.write(_initializer_prefix(tensor, array.nbytes))
+                array.tofile(handle)
+                del array
+        return [path]
+    offset = 0
+    placed = []
+    for tensor in filled:
+        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * _itemsize(tensor)
+        offset = -(-offset // 64) * 64  # align like onnx's own external data writer
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, val in (("location", external), ("offset", str(offset)), ("length", str(nbytes))):
+            tensor.external_data.append(onnx.StringStringEntryProto(key=key, value=val))
+        placed.append((offset, tensor))
+        offset += nbytes
+    data_path = path.parent / external
+    with io.atomic_write(data_path) as handle:
+        for start, tensor in placed:
+            handle.seek(start)
+            array = _tensor_array(tensor, params[tensor.name])
+            array.tofile(handle)
+            del array
+    io.write_bytes(path, model.SerializeToString())
+    return [path, data_path]
+
+
+def _itemsize(tensor: TensorProto) -> int:
+    return int(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+
+
+def _tensor_array(tensor: TensorProto, value: Any) -> np.ndarray:
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.ascontiguousarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
+    if array.size != int(np.prod(tensor.dims, dtype=np.int64)) or array.dtype != dtype:
+        raise GraphError(
+            f"initializer {tensor.name}: {array.dtype} {array.shape} does not fit "
+            f"{np.dtype(dtype).name} {list(tensor.dims)}"
+        )
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
+def _initializer_prefix(tensor: TensorProto, nbytes: int) -> bytes:
+    """Wire-format bytes of ``ModelProto.graph.initializer[+] = tensor`` up to the raw data.
+
+    Field numbers from onnx.proto: ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.raw_data = 9; all length-delimited (wire type 2).
+    """
+    head = TensorProto(name=tensor.name, dims=list(tensor.dims), data_type=tensor.data_type)
+    tensor_head = head.SerializeToString() + _key(9) + _varint(nbytes)
+    tensor_len = len(tensor_head) + nbytes
+    graph_head = _key(5) + _varint(tensor_len)
+    return _key(7) + _varint(len(graph_head) + tensor_len) + graph_head + tensor_head
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def needs_external_data(params: dict[str, Any]) -> bool:
@@ -436,26 +500,9 @@ def needs_external_data(params: dict[str, Any]) -> bool:
     return total > EXTERNAL_DATA_THRESHOLD
 
 
-def save_model(
-    model: onnx.ModelProto,
-    path: str | os.PathLike[str],
-    chunks: list[tuple[int, np.ndarray]] = (),  # type: ignore[assignment]
-) -> list[Path]:
-    """Write the model (and its external data file) atomically; return the files written."""
-    path = Path(path)
-    written = [path]
-    if chunks:
-        location = next(
-            e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
-        )
-        data_path = path.parent / location
-        with io.atomic_write(data_path) as handle:
-            for offset, array in chunks:
-                handle.seek(offset)
-                array.tofile(handle)
-        written.append(data_path)
-    io.write_bytes(path, model.SerializeToString())
-    return written
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
+    """Write a model whose values are all in the proto, atomically."""
+    return write_model(model, path)
 
 
 def check(path: str | os.PathLike[str]) -> None:
@@ -495,8 +542,7 @@ def convert(
     model = post_process(model, opset=opset, metadata=metadata, n_outputs=n_outputs)
     params = {**arg_params, **aux_params}
     external = Path(out_path).name + ".data" if needs_external_data(params) else None
-    model, chunks = attach_weights(model, params, external=external)
-    written = save_model(model, out_path, chunks)
+    written = write_model(model, out_path, params, external=external)
     check(out_path)
     return written
 
