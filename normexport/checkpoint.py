@@ -310,7 +310,7 @@ def load_params(
     if size > MAX_PARAMS_BYTES:
         raise FormatError(f"{path}: {size} bytes, larger than the {MAX_PARAMS_BYTES}-byte limit")
     # Parsed in Python (never by mx.nd.load), so a hostile file cannot crash the process.
-    loaded = {k: mx.nd.array(v, dtype=v.dtype) for k, v in read_params(path).items()}
+    loaded = read_params(path, lambda array: mx.nd.array(array, dtype=array.dtype))
     aux_names = set(symbol.list_auxiliary_states()) if symbol is not None else set()
     arg_params: dict[str, mx.nd.NDArray] = {}
     aux_params: dict[str, mx.nd.NDArray] = {}

@@ -12,6 +12,7 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,8 +28,14 @@ MAX_ARRAYS = 1_000_000
 MAX_ELEMENTS = 2**34  # as checkpoint.MAX_ELEMENTS: no regression net has a larger tensor
 
 
-def read_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Every named array in a ``.params`` file, keys as stored (``arg:``/``aux:`` kept)."""
+def read_params(
+    path: str | os.PathLike[str], convert: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, Any]:
+    """Every named array in a ``.params`` file, keys as stored (``arg:``/``aux:`` kept).
+
+    ``convert`` is applied to each array as soon as it is read (for example to make an
+    MXNet NDArray), so the file's contents are held once, not twice.
+    """
     path = Path(path)
     try:
         info = path.stat()
@@ -50,7 +57,10 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         if reader.u64() != LIST_MAGIC:
             raise FormatError(f"{path}: not an MXNet params file (bad magic number)")
         reader.u64()  # reserved
-        arrays = [reader.array(i) for i in range(reader.count("arrays"))]
+        arrays = [
+            reader.array(i) if convert is None else convert(reader.array(i))
+            for i in range(reader.count("arrays"))
+        ]
         names = [reader.name() for _ in range(reader.count("names"))]
         if handle.read(1):
             raise FormatError(f"{path}: trailing bytes after the last name")

@@ -91,7 +91,7 @@ def _export(
     holds it and can release it before verification). ``write_net=False`` keeps the
     directory's own ``net-*`` (re-exporting a trained directory need not rewrite it)."""
     from normexport import graph
-    from normexport.to_onnx import check_opset
+    from normexport.to_onnx import check, check_opset
     from normexport.verification import verify_directory
 
     if mode not in MODES:
@@ -110,8 +110,9 @@ def _export(
         fold = _write_model_files(
             stage, checkpoint, scalers, in_scaler, out_scaler, info, mode, opset, write_net
         )
-        # Verification loads the model again, runtime by runtime: drop our copy first.
+        # The checker and the runtimes load the model again: drop our copy first.
         del checkpoint
+        check(stage / io.ONNX_FILE)
         report = verify_directory(stage, verify_rows)
         _write_manifest(
             stage,
@@ -274,6 +275,7 @@ def _write_model_files(
         dtype=info.dtype,
         opset=opset,
         metadata=to_onnx.metadata_entries(mode, scalers, fold),
+        run_checker=False,  # _export runs it once the checkpoint is released
     )
     return fold
 

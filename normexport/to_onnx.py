@@ -531,10 +531,13 @@ def convert(
     dtype: str,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str],
+    run_checker: bool = True,
 ) -> list[Path]:
-    """The whole conversion: export, post-process, attach weights, write, check.
+    """The whole conversion: export, post-process, write the weights, check.
 
     Returns the files written (the model, plus ``<name>.data`` for large models).
+    ``run_checker=False`` leaves :func:`check` to the caller (who may first release
+    the checkpoint: the checker loads the whole file).
     """
     symbol, arg_params, aux_params = checkpoint
     check_opset(opset)
@@ -543,7 +546,8 @@ def convert(
     params = {**arg_params, **aux_params}
     external = Path(out_path).name + ".data" if needs_external_data(params) else None
     written = write_model(model, out_path, params, external=external)
-    check(out_path)
+    if run_checker:
+        check(out_path)
     return written
 
 

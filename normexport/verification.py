@@ -131,9 +131,20 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
     return run
 
 
+REFERENCE_MAX_BYTES = 256 * 1024 * 1024
+
+
 def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
     import onnx
     from onnx.reference import ReferenceEvaluator
+
+    size = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+    if size > REFERENCE_MAX_BYTES:
+        # It holds the weights two to three times over (proto, arrays, transposed copies).
+        raise NotImplementedError(
+            f"the model is {size >> 20} MiB; onnx.reference runs models up to "
+            f"{REFERENCE_MAX_BYTES >> 20} MiB (it copies the weights)"
+        )
 
     from normexport.onnx_affine import reference_ops
 

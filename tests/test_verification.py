@@ -135,3 +135,14 @@ def test_wrong_width_rows_are_refused(trained_dir):
 def test_verify_reads_data_columns_by_name(trained_dir):
     X = pipeline.load_input_rows(trained_dir / "model", trained_dir / "data.csv")
     assert X.shape[1] == len(INPUTS)
+
+
+def test_onnx_reference_is_skipped_for_large_models_and_says_why(trained_dir, monkeypatch):
+    from normexport import verification
+
+    monkeypatch.setattr(verification, "REFERENCE_MAX_BYTES", 100)
+    report = verify_directory(trained_dir / "model")
+    assert report.ok
+    assert "onnx.reference" not in report.runtimes
+    assert "runs models up to 0 MiB" in report.skipped["onnx.reference"]
+    assert "skipped onnx.reference" in report.table()
