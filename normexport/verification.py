@@ -187,25 +187,42 @@ class NumpyNet:
 
     def __init__(self, symbol_path: Path, params_path: Path) -> None:
         doc = io.read_json(symbol_path)
-        if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
-            raise FormatError(f"{symbol_path}: not an MXNet symbol file")
-        self.nodes: list[dict[str, Any]] = doc["nodes"]
-        self.head = int(doc["heads"][0][0])
+        try:
+            self.nodes: list[dict[str, Any]] = list(doc["nodes"])
+            self.head = int(doc["heads"][0][0])
+            self.inputs = [[int(ref[0]) for ref in n.get("inputs", [])] for n in self.nodes]
+            ops = [str(n["op"]) for n in self.nodes]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise FormatError(f"{symbol_path}: not an MXNet symbol file ({exc!r})") from exc
+        if not 0 <= self.head < len(self.nodes) or any(
+            not 0 <= ref < i for i, refs in enumerate(self.inputs) for ref in refs
+        ):
+            raise FormatError(f"{symbol_path}: a node refers to a node that does not precede it")
+        for op in ops:
+            if op not in _NUMPY_OPS:
+                raise NotImplementedError(f"the NumPy reference has no {op} op")
+        # the last node that reads each value: intermediates are freed after it
+        self.last_use = {ref: i for i, refs in enumerate(self.inputs) for ref in refs}
         params = read_params(params_path)
         self.params = {k.split(":", 1)[-1]: v for k, v in params.items()}
-        for node in self.nodes:
-            if node["op"] not in _NUMPY_OPS:
-                raise NotImplementedError(f"the NumPy reference has no {node['op']} op")
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        values: list[np.ndarray] = []
+        values: dict[int, np.ndarray] = {}
         with np.errstate(over="ignore"):
-            for node in self.nodes:
-                args = [values[ref[0]] for ref in node.get("inputs", [])]
+            for i, node in enumerate(self.nodes):
+                args = [values[ref] for ref in self.inputs[i]]
                 if node["op"] == "null":
-                    values.append(self.params.get(node["name"], X).astype(X.dtype, copy=False))
+                    value = self.params.get(node["name"], X).astype(X.dtype, copy=False)
                 else:
-                    values.append(_NUMPY_OPS[node["op"]](args, node.get("attrs", {})))
+                    value = _NUMPY_OPS[node["op"]](args, node.get("attrs", {}))
+                values[i] = value
+                for ref in self.inputs[i]:
+                    if (
+                        self.last_use[ref] == i
+                        and ref != self.head
+                        and self.nodes[ref]["op"] != "null"
+                    ):
+                        del values[ref]
         return values[self.head]
 
 
@@ -404,6 +421,21 @@ def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return diff
 
 
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _rows_per_chunk(directory: Path, dtype: str) -> int:
+    """Rows whose widest activation fits in :data:`CHUNK_BYTES` (wide nets get smaller
+    chunks, so memory stays bounded for any width)."""
+    try:
+        nodes = io.read_json(io.symbol_file(directory, io.NET_PREFIX)).get("nodes", [])
+        widths = [int(n.get("attrs", {}).get("num_hidden", 0)) for n in nodes]
+    except (NormexportError, AttributeError, TypeError, ValueError):
+        return CHUNK_ROWS
+    widest = max([1, *widths])
+    return max(256, min(CHUNK_ROWS, CHUNK_BYTES // (widest * np.dtype(dtype).itemsize)))
+
+
 def verify_directory(
     directory: str | os.PathLike[str],
     X: np.ndarray | None = None,
@@ -459,7 +491,7 @@ def verify_directory(
         rtol=tolerance,
         sample_only=frozenset({"onnx.reference"}),
         optional=frozenset({"mxnet", "numpy", "onnx.reference"}),
-        chunk_rows=chunk_rows,
+        chunk_rows=min(chunk_rows, _rows_per_chunk(directory, dtype)),
     )
     runtimes = [n for n in ("onnxruntime", "mxnet", "numpy", "onnx.reference") if n not in skipped]
     return VerificationReport(
