@@ -41,12 +41,10 @@ from normexport.errors import (
 )
 from normexport.scaling import AffineScaler, factors_to_scalers, scalers_from_dict, scalers_to_dict
 from normexport.verification import (
-    DEFAULT_RTOL,
     RANDOM_ROWS,
     Runtime,
     VerificationReport,
-    compare,
-    edge_rows,
+    check_rows,
     onnxruntime_runtime,
     random_rows,
 )
@@ -569,8 +567,6 @@ def verify_bake(
     Rows: edge rows of the input range plus ``rows`` (or random rows over the range).
     """
     data = random_rows(in_scaler, RANDOM_ROWS, seed) if rows is None else rows
-    edges = edge_rows(in_scaler)
-    all_rows = np.concatenate([edges, data])
     out_scale, out_shift = out_scaler.inverse_affine()
 
     def original_scaled() -> Runtime:
@@ -588,27 +584,14 @@ def verify_bake(
         "baked": lambda: _per_row(onnxruntime_runtime(baked), shape),
         "original+numpy": original_scaled,
     }
-    tolerance = DEFAULT_RTOL[shape.dtype] if rtol is None else float(rtol)
-    span = out_scaler.span()
-    pairs, _ = compare(
+    return check_rows(
         runtimes,
-        all_rows,
-        outputs=list(out_scaler.columns_),
-        span=span,
-        dtype=shape.in_dtype,
-        rtol=tolerance,
-    )
-    return VerificationReport(
-        ok=all(p.ok for p in pairs),
+        data,
+        in_scaler,
+        out_scaler,
         dtype=shape.dtype,
-        rtol=tolerance,
-        rows=int(all_rows.shape[0]),
-        data_rows=int(data.shape[0]),
-        edge_rows=int(edges.shape[0]),
-        outputs=list(out_scaler.columns_),
-        output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
-        runtimes=list(runtimes),
-        pairs=pairs,
+        rtol=rtol,
+        input_dtype=shape.in_dtype,
     )
 
 

@@ -472,30 +472,60 @@ def verify_directory(
         if rows < data.shape[0]:
             pick = np.random.default_rng(seed).choice(data.shape[0], rows, replace=False)
             data = data[np.sort(pick)]
-    edges = edge_rows(in_scaler)
-    all_rows = np.concatenate([edges, data])  # edges first: onnx.reference's sample has them
-
-    tolerance = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
-    span = out_scaler.span()
-    pairs, skipped = compare(
+    return check_rows(
         {
             "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
             "mxnet": lambda: mxnet_runtime(directory, dtype),
             "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),
             "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
         },
-        all_rows,
-        outputs=list(out_scaler.columns_),
-        span=span,
+        data,
+        in_scaler,
+        out_scaler,
         dtype=dtype,
-        rtol=tolerance,
+        rtol=rtol,
         sample_only=frozenset({"onnx.reference"}),
         optional=frozenset({"mxnet", "numpy", "onnx.reference"}),
         chunk_rows=min(chunk_rows, _rows_per_chunk(directory, dtype)),
     )
-    runtimes = [n for n in ("onnxruntime", "mxnet", "numpy", "onnx.reference") if n not in skipped]
+
+
+def check_rows(
+    runtimes: dict[str, Callable[[], Runtime]],
+    data: np.ndarray,
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    *,
+    dtype: str,
+    rtol: float | None = None,
+    input_dtype: str | None = None,
+    sample_only: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset(),
+    chunk_rows: int = CHUNK_ROWS,
+) -> VerificationReport:
+    """Edge rows of ``in_scaler`` plus ``data`` through every runtime; the report.
+
+    ``dtype`` picks the default tolerance; rows are fed as ``input_dtype`` (default
+    ``dtype``). Passing needs every pair within tolerance and at least two runtimes.
+    """
+    edges = edge_rows(in_scaler)
+    all_rows = np.concatenate([edges, data])  # edges first: sampled runtimes see them
+    tolerance = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
+    span = out_scaler.span()
+    pairs, skipped = compare(
+        runtimes,
+        all_rows,
+        outputs=list(out_scaler.columns_),
+        span=span,
+        dtype=input_dtype or dtype,
+        rtol=tolerance,
+        sample_only=sample_only,
+        optional=optional,
+        chunk_rows=chunk_rows,
+    )
+    loaded = [n for n in runtimes if n not in skipped]
     return VerificationReport(
-        ok=all(p.ok for p in pairs) and len(runtimes) >= 2,
+        ok=all(p.ok for p in pairs) and len(loaded) >= 2,
         dtype=dtype,
         rtol=tolerance,
         rows=int(all_rows.shape[0]),
@@ -503,7 +533,7 @@ def verify_directory(
         edge_rows=int(edges.shape[0]),
         outputs=list(out_scaler.columns_),
         output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
-        runtimes=runtimes,
+        runtimes=loaded,
         skipped=skipped,
         pairs=pairs,
     )
