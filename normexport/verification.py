@@ -452,6 +452,11 @@ def verify_directory(
     """
     directory = Path(directory)
     onnx_path = directory / io.ONNX_FILE
+    if directory.is_file():
+        raise NormexportError(
+            f"{directory}: is a file; verify takes a model directory (the one `normexport "
+            "export` wrote), which holds the MXNet model and scalers to compare against"
+        )
     if not onnx_path.is_file():
         raise NormexportError(f"{onnx_path}: no such file; run `normexport export {directory}`")
     in_scaler, out_scaler, dtype = scalers_from_dict(
