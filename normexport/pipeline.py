@@ -106,14 +106,18 @@ def _export(
         )
     out_scaler.check_target()
     scalers = scalers_to_dict(in_scaler, out_scaler, info.dtype)
-    with model_directory(out_dir) as stage:
+    with model_directory(out_dir) as stage, _stages(4) as step:
+        step(f"{mode}: MXNet model and ONNX conversion")
         fold = _write_model_files(
             stage, checkpoint, scalers, in_scaler, out_scaler, info, mode, opset, write_net
         )
         # The checker and the runtimes load the model again: drop our copy first.
         del checkpoint
+        step("onnx.checker (full check)")
         check(stage / io.ONNX_FILE)
+        step("verification")
         report = verify_directory(stage, verify_rows)
+        step("manifest")
         _write_manifest(
             stage,
             {
@@ -319,6 +323,37 @@ def _check_columns(inputs: Sequence[str], targets: Sequence[str]) -> None:
     for group in (inputs, targets):
         if len(set(group)) != len(group):
             raise DataError(f"duplicate column in {', '.join(group)}")
+
+
+@contextlib.contextmanager
+def _stages(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over named stages (stderr, only on a terminal)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc="export",
+        unit="stage",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        bar_format="{desc} [{n}/{total}]",
+    )
+    started = False
+
+    def step(name: str) -> None:
+        nonlocal started
+        if started:
+            bar.update(1)
+        started = True
+        bar.set_description_str(f"export: {name}")
+
+    try:
+        yield step
+        bar.update(1)
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------- the directory
