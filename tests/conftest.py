@@ -67,6 +67,21 @@ def random_net(activation="sigmoid", dtype="float64", hidden=(8, 8), n_in=3, n_o
     return net
 
 
+def net_with_output_activation(activation: str):
+    """Dense(4, tanh) → Dense(2, activation): the output side cannot be folded."""
+    import mxnet as mx
+
+    net = mx.gluon.nn.HybridSequential(prefix="p_")
+    with net.name_scope():
+        net.add(
+            mx.gluon.nn.Dense(4, activation="tanh"), mx.gluon.nn.Dense(2, activation=activation)
+        )
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.zeros((1, 3)))
+    return net
+
+
 def mxnet_predict(directory, prefix, X, dtype):
     """Run a saved checkpoint through gluon.SymbolBlock.imports, as users load it."""
     import mxnet as mx

@@ -373,5 +373,6 @@ def test_bake_verb(capsys, tmp_path):
 
 
 def test_verify_given_an_onnx_file_says_it_wants_a_directory(capsys, model_dir):
-    assert_user_error(capsys, ["verify", model_dir / "model.onnx"], "model.onnx: is a file",
-                      "model directory")
+    assert_user_error(
+        capsys, ["verify", model_dir / "model.onnx"], "model.onnx: is a file", "model directory"
+    )

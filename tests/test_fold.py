@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ACTIVATIONS, DTYPES, RTOL, random_net
+from conftest import ACTIVATIONS, DTYPES, RTOL, net_with_output_activation, random_net
 
 from normexport import graph, to_onnx
 from normexport.scaling import AffineScaler, scalers_to_dict
@@ -84,17 +84,11 @@ def test_fold_equals_splice_at_extreme_scales(tmp_path, dtype, activation, seed)
 
 def test_fold_metadata_records_the_plan(tmp_path, scalers):
     """manifest, inspect and ONNX metadata say which sides were folded."""
-    import mxnet as mx
 
     from normexport import io, pipeline
 
     in_sc, out_sc = scalers
-    net = mx.gluon.nn.HybridSequential(prefix="p_")
-    with net.name_scope():
-        net.add(mx.gluon.nn.Dense(4, activation="tanh"), mx.gluon.nn.Dense(2, activation="relu"))
-    net.initialize()
-    net.hybridize()
-    net(mx.nd.zeros((1, 3)))
+    net = net_with_output_activation("relu")
     out = pipeline.export(net, in_sc, out_sc, tmp_path / "m", mode="fold")
     manifest = io.read_json(out / "manifest.json")
     assert manifest["fold"]["input"] == "folded"

@@ -10,6 +10,7 @@ from conftest import (
     DTYPES,
     RTOL,
     mxnet_predict,
+    net_with_output_activation,
     random_net,
     range_relative_error,
 )
@@ -122,12 +123,7 @@ def test_checkpoint_trained_elsewhere_splices(tmp_path, problem, scalers):
 
 def test_fold_plan_says_why_a_side_is_spliced(scalers):
     in_sc, out_sc = scalers
-    net = mx.gluon.nn.HybridSequential(prefix="p_")
-    with net.name_scope():
-        net.add(mx.gluon.nn.Dense(4, activation="tanh"), mx.gluon.nn.Dense(2, activation="sigmoid"))
-    net.initialize()
-    net.hybridize()
-    net(mx.nd.zeros((1, 3)))
+    net = net_with_output_activation("sigmoid")
     ck = graph.from_block(net)
     model, plan = graph.fold(ck, in_sc.affine(), out_sc.inverse_affine())
     assert plan.input == "folded"
