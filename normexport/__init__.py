@@ -22,11 +22,12 @@ from normexport.errors import (
     NormexportError,
     VerificationError,
 )
-from normexport.scaling import MinMaxScaler, StandardScaler
+from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffineScaler",
     "DataError",
     "FormatError",
     "GraphError",

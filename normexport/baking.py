@@ -124,6 +124,8 @@ def bake(
     _check_options(factors, scalers, mode, opset, rtol)
     if dst.is_dir():
         raise NormexportError(f"{dst}: is a directory; --out needs a file name")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise NormexportError(f"{dst}: is the input model; write the baked model elsewhere")
     model = load_model(src)
     shape = describe(src, model)
     in_scaler, out_scaler = _scalers(src, shape, factors, scalers)

@@ -8,8 +8,11 @@ Each verb imports its stage lazily, so ``normexport --help`` never loads MXNet.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -202,33 +205,46 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         return int(_VERBS[args.verb](args) or EXIT_OK)
     except SystemExit as exc:  # --help and --version
         return int(exc.code or 0)
-    except VerificationError as exc:
-        if debug:
-            raise
-        print(f"normexport: {exc}", file=sys.stderr)
-        return EXIT_MISMATCH
+    except BrokenPipeError:
+        # The reader of our output went away (`normexport predict ... | head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("normexport: interrupted", file=sys.stderr)
         return 130
-    except NormexportError as exc:
-        if debug:
-            raise
-        print(f"normexport: error: {first_line(exc)}", file=sys.stderr)
-        return EXIT_USER
     except Exception as exc:
+        code, message = _classify(exc)
         if debug:
-            raise
-        print(
-            f"normexport: internal error: {type(exc).__name__}: {first_line(exc)} "
-            "(run again with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        return code
+
+
+def _classify(exc: Exception) -> tuple[int, str]:
+    """Exit status and the one line to print for an exception."""
+    if isinstance(exc, VerificationError):
+        return EXIT_MISMATCH, f"normexport: {exc}"
+    if isinstance(exc, NormexportError):
+        return EXIT_USER, f"normexport: error: {first_line(exc)}"
+    if isinstance(exc, OSError) and exc.strerror:
+        # The file system said no (not a directory, read-only, disk full ...): the user's
+        # environment, not a bug.
+        where = f"{exc.filename}: " if exc.filename else ""
+        return EXIT_USER, f"normexport: error: {where}{exc.strerror.lower()}"
+    return EXIT_INTERNAL, (
+        f"normexport: internal error: {type(exc).__name__}: {first_line(exc)} "
+        "(run again with --debug for the traceback)"
+    )
+
+
+def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> str:
+    return f"normexport: warning: {message}\n"
 
 
 # --------------------------------------------------------------------------- verbs
@@ -254,7 +270,12 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(f"trained {args.activation} net {args.hidden} ({args.dtype}) in {result.seconds:.1f} s")
-    print(f"best epoch {result.best_epoch} of {len(result.history)}; hold-out RMSE (raw units):")
+    print(
+        f"best epoch {result.best_epoch} of {len(result.history)}; "
+        f"{result.rmse_on} RMSE (raw units):"
+    )
+    if result.rmse_on != "hold-out":
+        print("  (no hold-out rows with --val-fraction 0: RMSE on the training rows)")
     for name, rmse in result.holdout_rmse.items():
         print(
             f"  {name:<12} {rmse:.6g}  ({100 * result.holdout_rmse_relative[name]:.3f}% of range)"
@@ -326,8 +347,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bake(args: argparse.Namespace) -> int:
-    import warnings
-
     from normexport.baking import bake
 
     with warnings.catch_warnings():

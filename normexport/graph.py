@@ -251,14 +251,22 @@ def _rename_input(checkpoint: Checkpoint, info: NetInfo) -> Checkpoint:
 # ------------------------------------------------------------------------------ fold
 
 
-def plan_fold(checkpoint: Checkpoint) -> FoldPlan:
-    """Decide, without changing anything, which sides can be folded and why not."""
+def plan_fold(
+    checkpoint: Checkpoint, in_affine: Affine | None = None, out_affine: Affine | None = None
+) -> FoldPlan:
+    """Decide, without changing anything, which sides can be folded and why not.
+
+    A layer without a bias can still absorb an affine whose shift is zero; pass the
+    affines to let the plan know.
+    """
     symbol, arg_params, _ = checkpoint
     info = describe(checkpoint)
     nodes = _nodes(symbol)
     first = _consumers(nodes, _index(nodes, info.input_name))
+    in_zero = in_affine is not None and not np.any(in_affine[1])
+    out_zero = out_affine is not None and not np.any(out_affine[1])
     in_reason = (
-        _foldable(nodes, first[0], arg_params)
+        _foldable(nodes, first[0], arg_params, in_zero)
         if len(first) == 1
         else ("the input feeds several ops")
     )
@@ -267,7 +275,7 @@ def plan_fold(checkpoint: Checkpoint) -> FoldPlan:
     head = json.loads(symbol.tojson())["heads"][0][0]
     last = nodes[head]
     if last["op"] == "FullyConnected":
-        out_reason = _foldable(nodes, head, arg_params)
+        out_reason = _foldable(nodes, head, arg_params, out_zero)
     elif last["op"] == "Activation":
         act = last.get("attrs", {}).get("act_type", "an activation")
         out_reason = f"an activation ({act}) follows the last FullyConnected layer"
@@ -283,13 +291,14 @@ def plan_fold(checkpoint: Checkpoint) -> FoldPlan:
     )
 
 
-def _foldable(nodes: list[dict[str, Any]], index: int, arg_params: dict[str, Any]) -> str:
+def _foldable(
+    nodes: list[dict[str, Any]], index: int, arg_params: dict[str, Any], shift_zero: bool
+) -> str:
     """Why the FullyConnected node at ``index`` cannot absorb an affine ('' if it can)."""
     node = nodes[index]
     if node["op"] != "FullyConnected":
         return f"the first op is {node['op']}, not a FullyConnected layer"
-    attrs = node.get("attrs", {})
-    if attrs.get("no_bias", "False") in ("True", "true", "1"):
+    if _has_no_bias(node) and not shift_zero:
         return f"layer {node['name']} has no bias to absorb the shift"
     for slot in node["inputs"][1:3]:
         param = nodes[slot[0]]
@@ -298,6 +307,10 @@ def _foldable(nodes: list[dict[str, Any]], index: int, arg_params: dict[str, Any
         if len(_consumers(nodes, slot[0])) > 1:
             return f"{param['name']} is shared with another layer"
     return ""
+
+
+def _has_no_bias(node: dict[str, Any]) -> bool:
+    return node.get("attrs", {}).get("no_bias", "False") in ("True", "true", "1")
 
 
 def fold(
@@ -310,27 +323,29 @@ def fold(
     """
     info = describe(checkpoint, len(in_affine[0]))
     _check_width("output", info.n_outputs, out_affine)
-    plan = plan_fold(checkpoint)
+    plan = plan_fold(checkpoint, in_affine, out_affine)
     symbol, arg_params, aux_params = checkpoint
     nodes = _nodes(symbol)
     wide: dict[str, np.ndarray] = {}
 
-    def layer(index: int) -> tuple[str, str]:
-        weight, bias = (nodes[ref[0]]["name"] for ref in nodes[index]["inputs"][1:3])
-        for name in (weight, bias):
+    def layer(index: int) -> tuple[str, str | None]:
+        names = [nodes[ref[0]]["name"] for ref in nodes[index]["inputs"][1:3]]
+        for name in names:
             wide.setdefault(name, arg_params[name].asnumpy().astype(np.float64))
-        return weight, bias
+        return names[0], names[1] if len(names) > 1 else None  # no bias: the shift is 0
 
     if plan.input == "folded":
         w, b = layer(_consumers(nodes, _index(nodes, info.input_name))[0])
         scale, shift = in_affine
-        wide[b] = wide[b] + wide[w] @ shift
+        if b is not None:
+            wide[b] = wide[b] + wide[w] @ shift
         wide[w] = wide[w] * scale[None, :]
     if plan.output == "folded":
         w, b = layer(json.loads(symbol.tojson())["heads"][0][0])
         scale, shift = out_affine
         wide[w] = scale[:, None] * wide[w]
-        wide[b] = scale * wide[b] + shift
+        if b is not None:
+            wide[b] = scale * wide[b] + shift
     arg_params = {**arg_params, **{k: mx.nd.array(v, dtype=info.dtype) for k, v in wide.items()}}
     folded = Checkpoint(symbol, arg_params, dict(aux_params))
     if plan.input == "spliced":

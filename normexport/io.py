@@ -55,6 +55,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     raises, the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
+    if target.is_dir():
+        raise NormexportError(f"{target}: is a directory; give a file name")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:

@@ -157,6 +157,10 @@ def export_directory(
     """Re-export a directory written by :func:`train_to_directory` (``normexport export DIR``)."""
     model_dir = Path(model_dir)
     repair(model_dir)  # a killed swap may have left DIR aside as .DIR.old-PID
+    if model_dir.exists() and not model_dir.is_dir():
+        raise NormexportError(
+            f"{model_dir}: not a directory; give the model directory `normexport train` wrote"
+        )
     in_scaler, out_scaler, _ = load_scalers(model_dir / io.SCALERS_FILE)
     manifest = _read_manifest(model_dir)
     return _export(
@@ -657,10 +661,12 @@ def format_inspection(summary: dict[str, Any]) -> str:
         )
     training = summary.get("training")
     if training:
-        rmse = ", ".join(f"{k} {v:.4g}" for k, v in training["holdout_rmse"].items())
+        kind = "hold-out" if "holdout_rmse" in training else "training"
+        values = training.get("holdout_rmse", training.get("training_rmse", {}))
+        rmse = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
         lines.append(
             f"training: best epoch {training['best_epoch']} of "
-            f"{training['epochs_run']}, hold-out RMSE {rmse}"
+            f"{training['epochs_run']}, {kind} RMSE {rmse}"
         )
     scalers = summary.get("scalers")
     if scalers:

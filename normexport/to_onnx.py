@@ -558,7 +558,6 @@ MAX_ONNX_BYTES = 64 * 1024**3
 
 def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onnx.ModelProto:
     """Load an ONNX file with a clear error for missing, garbage or truncated files."""
-    from google.protobuf.message import DecodeError
 
     path = Path(path)
     if not path.is_file():
@@ -566,8 +565,9 @@ def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onn
     if path.stat().st_size > MAX_ONNX_BYTES:
         raise GraphError(f"{path}: larger than {MAX_ONNX_BYTES} bytes")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as exc:
+        # format="protobuf": onnx would otherwise pick a text parser from a .json/.txt name
+        model = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, ValueError, RuntimeError, ...
         raise GraphError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
     if not model.graph.node and not model.graph.input:
         raise GraphError(f"{path}: not an ONNX model (no graph)")

@@ -45,6 +45,13 @@ class TrainResult:
     seconds: float = 0.0
     holdout_true: np.ndarray | None = None  # raw units, for parity plots
     holdout_pred: np.ndarray | None = None
+    # "hold-out", or "training" when val_fraction=0 left no rows to hold out: then the
+    # holdout_* numbers are measured on the training rows and named so in the summary
+    rmse_on: str = "hold-out"
+
+    @property
+    def _rmse_key(self) -> str:
+        return "holdout" if self.rmse_on == "hold-out" else "training"
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready training summary (goes into ``manifest.json``)."""
@@ -56,8 +63,8 @@ class TrainResult:
             "best_train_loss": best.get("train_loss"),
             "best_val_loss": best.get("val_loss"),
             "loss": "mean squared error in normalized units",
-            "holdout_rmse": self.holdout_rmse,
-            "holdout_rmse_relative_to_range": self.holdout_rmse_relative,
+            f"{self._rmse_key}_rmse": self.holdout_rmse,
+            f"{self._rmse_key}_rmse_relative_to_range": self.holdout_rmse_relative,
             "seconds": round(self.seconds, 3),
             "history": self.history,
         }
@@ -214,6 +221,7 @@ def train(
         seconds=time.perf_counter() - started,
         holdout_true=raw_true,
         holdout_pred=raw_pred,
+        rmse_on="hold-out" if n_val else "training",
     )
 
 

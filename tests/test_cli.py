@@ -273,9 +273,11 @@ def test_user_errors_are_one_line_exit_2(capsys, workspace, model_dir, tmp_path)
         assert_user_error(capsys, argv, *fragments)
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception, match="no such file"):
-        main(["verify", str(tmp_path / "missing"), "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(capsys, tmp_path):
+    code, _, err = run(capsys, "verify", tmp_path / "missing", "--debug")
+    assert code == 2
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("normexport: error: ")
 
 
 def test_help_and_version_are_instant_and_do_not_import_mxnet():
@@ -376,3 +378,91 @@ def test_verify_given_an_onnx_file_says_it_wants_a_directory(capsys, model_dir):
     assert_user_error(
         capsys, ["verify", model_dir / "model.onnx"], "model.onnx: is a file", "model directory"
     )
+
+
+def test_more_user_mistakes_are_one_line_exit_2(capsys, workspace, model_dir, tmp_path):
+    from test_docs import write_foreign_model
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    write_foreign_model(tmp_path / "theirs.onnx")
+    np.savetxt(tmp_path / "f.txt", [[1.0, 0.0]] * 5)
+    cases = [
+        (["export", afile], ["afile: not a directory"]),
+        (
+            ["predict", model_dir, workspace / "data.csv", "--out", tmp_path],
+            [f"{tmp_path}: is a directory"],
+        ),
+        (["inspect", model_dir / "scalers.json"], ["scalers.json: not an ONNX model"]),
+        (
+            ["predict", model_dir / "scalers.json", workspace / "data.csv"],
+            ["scalers.json: not an ONNX model"],
+        ),
+        (
+            [
+                "bake",
+                tmp_path / "theirs.onnx",
+                "--factors",
+                tmp_path / "f.txt",
+                "--out",
+                tmp_path / "theirs.onnx",
+            ],
+            ["is the input model"],
+        ),
+        (["export", afile, "--debug"], ["afile: not a directory"]),
+    ]
+    for argv, fragments in cases:
+        if "--debug" in argv:
+            code, _, err = run(capsys, *argv)
+            assert code == 2 and err.strip().splitlines()[-1].startswith("normexport: error:")
+            continue
+        assert_user_error(capsys, argv, *fragments)
+
+
+def test_warnings_are_one_line(capsys, tmp_path):
+    from conftest import smooth_problem
+
+    X, Y = smooth_problem(60)
+    X[:, 2] = 0.5  # a constant input column: scale 1, with a warning
+    io.write_csv(tmp_path / "c.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    import subprocess
+    import sys
+
+    # a subprocess: pytest replaces Python's warning display in-process
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "normexport",
+            "train",
+            str(tmp_path / "c.csv"),
+            "--inputs",
+            ",".join(INPUTS),
+            "--targets",
+            ",".join(TARGETS),
+            "--out",
+            str(tmp_path / "m"),
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "normexport: warning: constant column(s) frac: scale set to 1" in lines, lines
+    assert not any("UserWarning" in line for line in lines)
+
+
+def test_broken_pipe_is_not_an_error(workspace, model_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        f"{sys.executable} -m normexport predict {model_dir} {workspace / 'data.csv'} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
+    assert result.stdout == "load,offset\n"
+    assert "Error" not in result.stderr and "error" not in result.stderr, result.stderr

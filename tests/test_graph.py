@@ -225,3 +225,35 @@ def test_checkpoint_round_trip_is_byte_identical(tmp_path, scalers):
     save_checkpoint(loaded, tmp_path, "b")
     for suffix in ("-symbol.json", "-0000.params"):
         assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()
+
+
+def test_fold_into_bias_free_layers_when_the_shift_is_zero(tmp_path, problem):
+    from normexport.scaling import AffineScaler
+
+    X, _ = problem
+    net = mx.gluon.nn.HybridSequential(prefix="nb_")
+    with net.name_scope():
+        net.add(
+            mx.gluon.nn.Dense(8, activation="tanh", use_bias=False, dtype="float64"),
+            mx.gluon.nn.Dense(2, use_bias=False, dtype="float64"),
+        )
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.zeros((1, 3), dtype="float64"))
+    ck = graph.from_block(net)
+    in_sc = AffineScaler.from_affine([0.01, 100.0, 1.0], [0.0, 0.0, 0.0])
+    zero_out = AffineScaler.from_affine([100.0, 40.0], [0.0, 0.0], inverse=True)
+    folded, plan = graph.fold(ck, in_sc.affine(), zero_out.inverse_affine())
+    assert (plan.input, plan.output) == ("folded", "folded")
+    assert [n["op"] for n in graph._nodes(folded.symbol)] == [
+        n["op"] for n in graph._nodes(ck.symbol)
+    ]
+    save_checkpoint(folded, tmp_path, "m")
+    got = mxnet_predict(tmp_path, "m", X, "float64")
+    assert (
+        range_relative_error(got, reference(net, in_sc, zero_out, X, "float64"), zero_out) < 1e-12
+    )
+    # a non-zero output shift needs a bias: that side is spliced, and the plan says why
+    shifted = AffineScaler.from_affine([100.0, 40.0], [5.0, 0.0], inverse=True)
+    _, plan = graph.fold(ck, in_sc.affine(), shifted.inverse_affine())
+    assert plan.output == "spliced" and "no bias to absorb the shift" in plan.output_reason

@@ -77,3 +77,11 @@ def test_refuses_row_mismatch():
     X, Y = smooth_problem(50)
     with pytest.raises(DataError, match="X has 50 rows but Y has 49"):
         train(X, Y[:49], progress=False)
+
+
+def test_without_hold_out_rows_the_rmse_says_it_is_on_training_rows():
+    X, Y = smooth_problem(100)
+    result = train(X, Y, epochs=2, val_fraction=0.0, progress=False)
+    assert result.rmse_on == "training"
+    summary = result.summary()
+    assert "training_rmse" in summary and "holdout_rmse" not in summary
