@@ -215,6 +215,7 @@ def train_to_directory(
             result.holdout_pred,
             list(targets),
             stage / io.REPORT_DIR / "parity.png",
+            rows=result.rmse_on,
         )
         summary = result.summary()
         summary["data"] = str(data_csv)

@@ -37,8 +37,10 @@ def loss_curves(history: list[dict[str, float]], best_epoch: int, path: Path) ->
     return path
 
 
-def parity(true: np.ndarray, pred: np.ndarray, columns: list[str], path: Path) -> Path:
-    """Predicted against true value per target on the hold-out rows, in raw units."""
+def parity(
+    true: np.ndarray, pred: np.ndarray, columns: list[str], path: Path, rows: str = "hold-out"
+) -> Path:
+    """Predicted against true value per target (on the hold-out rows), in raw units."""
     plt = _pyplot()
     n = len(columns)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), dpi=100, squeeze=False)
@@ -50,7 +52,7 @@ def parity(true: np.ndarray, pred: np.ndarray, columns: list[str], path: Path) -
         ax.plot([low, high], [low, high], color="grey", linewidth=1)
         ax.scatter(true[:, j], pred[:, j], s=6, alpha=0.6)
         rmse = float(np.sqrt(np.mean((pred[:, j] - true[:, j]) ** 2)))
-        ax.set_title(f"{name}: hold-out RMSE {rmse:.3g}")
+        ax.set_title(f"{name}: {rows} RMSE {rmse:.3g}")
         ax.set_xlabel(f"true {name}")
         ax.set_ylabel(f"predicted {name}")
         ax.set_aspect("equal", adjustable="datalim")
