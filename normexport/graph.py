@@ -131,6 +131,31 @@ def describe(checkpoint: Checkpoint, n_inputs: int | None = None) -> NetInfo:
     return NetInfo(input_name, n_inputs, n_outputs, dtype, ops)
 
 
+def widths_from_total(checkpoint: Checkpoint, total: int) -> NetInfo:
+    """The network's description when only ``n_inputs + n_outputs`` is known (a factors
+    file): the first layer's weight gives the input width where it can; otherwise each
+    split of ``total`` is tried with shape inference."""
+    try:
+        return describe(checkpoint)
+    except GraphError as exc:
+        if "cannot tell how many inputs" not in str(exc):
+            raise
+    fits = []
+    for n_inputs in range(1, total):
+        try:
+            info = describe(checkpoint, n_inputs)
+        except GraphError:
+            continue
+        if info.n_inputs + info.n_outputs == total:
+            fits.append(info)
+    if len(fits) != 1:
+        raise GraphError(
+            f"cannot tell how many inputs the network takes: {len(fits)} ways to split "
+            f"{total} factor rows into inputs and outputs fit its graph; use --scalers"
+        )
+    return fits[0]
+
+
 def _params_dtype(arg_params: dict[str, Any], aux_params: dict[str, Any]) -> str:
     dtypes = {np.dtype(v.dtype).name for v in (*arg_params.values(), *aux_params.values())}
     if not dtypes:
@@ -260,7 +285,7 @@ def plan_fold(
     affines to let the plan know.
     """
     symbol, arg_params, _ = checkpoint
-    info = describe(checkpoint)
+    info = describe(checkpoint, None if in_affine is None else len(in_affine[0]))
     nodes = _nodes(symbol)
     first = _consumers(nodes, _index(nodes, info.input_name))
     in_zero = in_affine is not None and not np.any(in_affine[1])

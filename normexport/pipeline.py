@@ -509,9 +509,10 @@ def export_files(
             )
     else:
         assert factors is not None
-        info = graph.describe(model)
+        rows = io.load_factors(factors)
+        info = graph.widths_from_total(model, len(rows))
         in_scaler, out_scaler = factors_to_scalers(
-            io.load_factors(factors), info.n_inputs, info.n_outputs, str(factors)
+            rows, info.n_inputs, info.n_outputs, str(factors)
         )
     return export(model, in_scaler, out_scaler, out_dir, mode=mode, opset=opset)
 

@@ -257,3 +257,27 @@ def test_fold_into_bias_free_layers_when_the_shift_is_zero(tmp_path, problem):
     shifted = AffineScaler.from_affine([100.0, 40.0], [5.0, 0.0], inverse=True)
     _, plan = graph.fold(ck, in_sc.affine(), shifted.inverse_affine())
     assert plan.output == "spliced" and "no bias to absorb the shift" in plan.output_reason
+
+
+def test_first_op_not_fully_connected_splices_the_input_side(scalers):
+    in_sc, out_sc = scalers
+    net = mx.gluon.nn.HybridSequential(prefix="fl_")
+    with net.name_scope():
+        net.add(
+            mx.gluon.nn.Flatten(), mx.gluon.nn.Dense(8, activation="tanh"), mx.gluon.nn.Dense(2)
+        )
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.ones((1, 3)))
+    ck = graph.from_block(net)
+    _, plan = graph.fold(ck, in_sc.affine(), out_sc.inverse_affine())
+    assert plan.to_dict() == {
+        "input": "spliced",
+        "output": "folded",
+        "input_reason": "the first op is Flatten, not a FullyConnected layer",
+    }
+    # without constants the width cannot be read off the first layer; with a total it can
+    with pytest.raises(GraphError, match="cannot tell how many inputs"):
+        graph.describe(ck)
+    info = graph.widths_from_total(ck, 5)
+    assert (info.n_inputs, info.n_outputs) == (3, 2)
