@@ -146,3 +146,36 @@ def test_onnx_reference_is_skipped_for_large_models_and_says_why(trained_dir, mo
     assert "onnx.reference" not in report.runtimes
     assert "runs models up to 0 MiB" in report.skipped["onnx.reference"]
     assert "skipped onnx.reference" in report.table()
+
+
+_EXPORTS: dict = {}
+
+
+def exported(tmp_path_factory, scalers, dtype, activation):
+    """One spliced export per dtype × activation, shared by the batch sizes."""
+    from conftest import random_net
+
+    key = (dtype, activation)
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp(f"{dtype}-{activation}")
+        pipeline.export(random_net(activation, dtype), *scalers, out / "m")
+        _EXPORTS[key] = out / "m"
+    return _EXPORTS[key]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 4096])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "softrelu"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_all_runtimes_agree_at_each_batch_size(
+    tmp_path_factory, problem, scalers, dtype, activation, batch
+):
+    """Every runtime is called with `batch` rows at a time (chunk size) and they agree."""
+    from conftest import RTOL
+
+    model_dir = exported(tmp_path_factory, scalers, dtype, activation)
+    X = np.resize(problem[0], (batch, 3))
+    report = verify_directory(model_dir, X, chunk_rows=batch)
+    assert report.ok, report.table()
+    assert report.runtimes == ["onnxruntime", "mxnet", "numpy", "onnx.reference"]
+    assert report.rtol == RTOL[dtype]
+    assert report.data_rows == batch
