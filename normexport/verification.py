@@ -131,7 +131,7 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
     return run
 
 
-REFERENCE_MAX_BYTES = 256 * 1024 * 1024
+REFERENCE_MAX_BYTES = 64 * 1024 * 1024
 
 
 def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
