@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from normexport.errors import DataError, FormatError, NormexportError
+from normexport.errors import DataError, FormatError, NormexportError, first_line
 
 # The model directory (see docs/model-directory.md).
 SCALERS_FILE = "scalers.json"
@@ -302,7 +302,7 @@ def load_factors(path: str | os.PathLike[str]) -> np.ndarray:
             delimiter = "," if "," in text else None
             array = np.loadtxt(text.splitlines(), delimiter=delimiter, ndmin=2)
         except ValueError as exc:
-            raise FormatError(f"{path}: not a table of numbers ({first_line_of(exc)})") from exc
+            raise FormatError(f"{path}: not a table of numbers ({first_line(exc)})") from exc
     return check_factors(array, str(path), error=FormatError)
 
 
@@ -326,7 +326,3 @@ def check_factors(
                 "scale non-zero"
             )
     return array
-
-
-def first_line_of(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -461,13 +461,10 @@ def _match_gemm_input(index: _Index, node: onnx.NodeProto, data: str, n_in: int)
     k = shape[1] if trans else shape[0]
     if k != n_in:
         return f"{label}: its weight contracts {k} features, the input has {n_in}"
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias is not None:
-        problem = index.constant_problem(bias, label, "bias C")
-        if problem:
-            return problem
-        if not _bias_fits(index.const_shape(bias), row=slot == 0):
-            return f"{label}: C has shape {index.const_shape(bias)}, which depends on the batch"
+    bias = _gemm_bias(node)
+    problem = _bias_problem(index, bias, label, row=slot == 0)
+    if problem:
+        return problem
     return _Layer(node, "gemm", slot, weight, bias)
 
 
@@ -574,13 +571,10 @@ def _match_gemm_output(index: _Index, node: onnx.NodeProto, n_out: int) -> _Laye
     n = shape[0] if _attr(node, "transB", 0) else shape[1]
     if n != n_out:
         return f"{label} has {n} outputs, the model's output has {n_out} columns"
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias is not None:
-        problem = index.constant_problem(bias, label, "bias C")
-        if problem:
-            return problem
-        if not _bias_fits(index.const_shape(bias), row=True):
-            return f"{label}: C has shape {index.const_shape(bias)}, which depends on the batch"
+    bias = _gemm_bias(node)
+    problem = _bias_problem(index, bias, label, row=True)
+    if problem:
+        return problem
     return _Layer(node, "gemm", 0, weight, bias)
 
 
@@ -665,6 +659,22 @@ def _cast_problem(node: onnx.NodeProto, dtype: int) -> str:
         f"{_label(node)} casts {TensorProto.DataType.Name(dtype)} to {to}; only a no-op "
         "Cast can be folded through"
     )
+
+
+def _gemm_bias(node: onnx.NodeProto) -> str | None:
+    return node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+
+def _bias_problem(index: _Index, bias: str | None, label: str, *, row: bool) -> str:
+    """Why a Gemm's optional C cannot absorb a shift ('' if it can, or there is none)."""
+    if bias is None:
+        return ""
+    problem = index.constant_problem(bias, label, "bias C")
+    if problem:
+        return problem
+    if not _bias_fits(index.const_shape(bias), row=row):
+        return f"{label}: C has shape {index.const_shape(bias)}, which depends on the batch"
+    return ""
 
 
 def _bias_fits(shape: tuple[int, ...], *, row: bool) -> bool:

@@ -505,12 +505,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Pat
     return write_model(model, path)
 
 
-def check(path: str | os.PathLike[str]) -> None:
-    """``onnx.checker`` with ``full_check`` (on the path, so external data and >2 GB work)."""
+def check(path: str | os.PathLike[str], *, label: str | None = None) -> None:
+    """``onnx.checker`` with ``full_check`` (on the path, so external data and >2 GB work).
+
+    ``label`` names the file in the error when ``path`` is a staged temporary copy.
+    """
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise GraphError(f"{path}: the ONNX checker refuses the file: {first_line(exc)}") from exc
+        raise GraphError(
+            f"{label or path}: the ONNX checker refuses the file (full check): {first_line(exc)}"
+        ) from exc
 
 
 def metadata_entries(mode: str, scalers: dict[str, Any], fold: dict[str, str]) -> dict[str, str]:
