@@ -8,7 +8,9 @@ The public API::
     nx.export(net, in_sc, out_sc, "model_dir")
     report = nx.verify("model_dir", X)
 
-Heavy dependencies (MXNet, onnx, onnxruntime) are imported on first use.
+``verify`` and ``bake`` are the core (numpy, onnx, onnxruntime); ``export`` and
+``train`` are the MXNet adapter (``pip install "normexport[mxnet]"``). Everything is
+imported on first use, so ``import normexport`` loads neither MXNet nor onnx.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from normexport.errors import (
     DataError,
     FormatError,
     GraphError,
+    MissingExtraError,
     NormexportError,
     VerificationError,
 )
@@ -32,12 +35,14 @@ __all__ = [
     "FormatError",
     "GraphError",
     "MinMaxScaler",
+    "MissingExtraError",
     "NormexportError",
     "StandardScaler",
     "VerificationError",
     "__version__",
     "bake",
     "export",
+    "partition_predictor",
     "train",
     "verify",
 ]
@@ -45,18 +50,22 @@ __all__ = [
 # The functions live in modules whose names differ from theirs: a submodule called
 # `train` would replace the function `normexport.train` the moment it is imported.
 _LAZY = {
-    "export": "normexport.pipeline",
-    "verify": "normexport.pipeline",
-    "train": "normexport.training",
+    "verify": "normexport.verification",
     "bake": "normexport.baking",
+    "partition_predictor": "normexport.partition",
 }
+_ADAPTER = {"export": "exporting", "train": "training"}  # in normexport.mx
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import normexport` (and `normexport --help`) never loads MXNet.
+    import importlib
+
+    if name in _ADAPTER:
+        from normexport.mx import require
+
+        return getattr(require(_ADAPTER[name]), name)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'normexport' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)

@@ -30,7 +30,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from normexport import io, onnx_affine, to_onnx
+from normexport import csvtable, files, onnx_affine, onnxkit, passes
+from normexport.affine import SPLICED, FoldPlan, check_factors, load_factors
 from normexport.errors import (
     DataError,
     FormatError,
@@ -132,7 +133,7 @@ def bake(
     rows = _data_rows(data, in_scaler) if verify and data is not None else None
 
     baked, plan = _transform(src, model, shape, in_scaler, out_scaler, mode, opset, rename)
-    external = _uses_external_data(model) or _weight_bytes(model) > to_onnx.EXTERNAL_DATA_THRESHOLD
+    external = _uses_external_data(model) or _weight_bytes(model) > onnxkit.EXTERNAL_DATA_THRESHOLD
     notes = plan.messages() if mode == "fold" else []
     for side in ("input", "output"):
         if mode == "fold" and getattr(plan, side) == "spliced":
@@ -145,7 +146,7 @@ def bake(
     staging = _staging_dir(dst)
     try:
         staged = _save(baked, staging / dst.name, src.parent, external)
-        to_onnx.check(staged[0], label=f"{src}: the baked model")
+        onnxkit.check(staged[0], label=f"{src}: the baked model")
         report = None
         if verify:
             report = verify_bake(src, staged[0], in_scaler, out_scaler, shape, rows=rows, rtol=rtol)
@@ -174,7 +175,7 @@ def _check_options(
         raise DataError("give either factors or scalers (exactly one of them)")
     if mode not in MODES:
         raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    newest = to_onnx.newest_opset()
+    newest = onnxkit.newest_opset()
     if opset is not None and (
         isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest
     ):
@@ -210,7 +211,7 @@ class ModelShape:
 def load_model(path: Path) -> onnx.ModelProto:
     """Load and validate an ONNX file (weights stay where they are)."""
     try:
-        model = to_onnx.load_onnx(path, with_weights=False)
+        model = onnxkit.load_onnx(path, with_weights=False)
     except GraphError as exc:
         raise FormatError(str(exc)) from exc
     if model.ir_version > onnx.IR_VERSION:
@@ -218,8 +219,8 @@ def load_model(path: Path) -> onnx.ModelProto:
             f"{path}: IR version {model.ir_version} is newer than onnx {onnx.__version__} "
             f"supports ({onnx.IR_VERSION}); upgrade onnx or export with an older version"
         )
-    opset = onnx_affine.opset_of(model)
-    newest = to_onnx.newest_opset()
+    opset = onnxkit.opset_of(model)
+    newest = onnxkit.newest_opset()
     if opset == 0:
         raise FormatError(f"{path}: imports no ONNX (default domain) opset")
     if opset > newest:
@@ -361,7 +362,7 @@ def _scalers(
     if factors is not None:
         if isinstance(factors, (str, os.PathLike)):
             source = str(factors)
-            array = io.load_factors(factors)
+            array = load_factors(factors)
         else:
             source = "factors"
             array = _factor_array(factors)
@@ -369,7 +370,7 @@ def _scalers(
     if isinstance(scalers, dict):
         source, doc = "scalers", scalers
     else:
-        source, doc = str(scalers), io.read_json(scalers)
+        source, doc = str(scalers), files.read_json(scalers)
     in_scaler, out_scaler, _ = scalers_from_dict(doc, source)
     for side, scaler, width, name in (
         ("input", in_scaler, shape.n_in, shape.input_name),
@@ -388,12 +389,12 @@ def _factor_array(factors: Any) -> np.ndarray:
         array = np.asarray(factors, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise DataError(f"factors: not an array of numbers ({exc})") from exc
-    return io.check_factors(array, "factors")
+    return check_factors(array, "factors")
 
 
 def _data_rows(data: str | os.PathLike[str], in_scaler: AffineScaler) -> np.ndarray:
     """The input columns of a CSV: by name, or all columns when there are exactly n_in."""
-    header = io.read_header(data)
+    header = csvtable.read_header(data)
     columns = in_scaler.columns_
     if not all(c in header for c in columns):
         if len(header) != len(columns):
@@ -402,7 +403,7 @@ def _data_rows(data: str | os.PathLike[str], in_scaler: AffineScaler) -> np.ndar
                 f"{len(columns)} columns); it has {', '.join(header)}"
             )
         columns = header
-    return io.load_columns(data, columns)
+    return csvtable.load_columns(data, columns)
 
 
 # ------------------------------------------------------------------------------ transform
@@ -417,16 +418,17 @@ def _transform(
     mode: str,
     opset: int | None,
     rename: bool,
-) -> tuple[onnx.ModelProto, onnx_affine.FoldPlan]:
-    """The passes, in order: opset first (so the new nodes are written for the final
-    opset), then splice or fold, then names, then metadata (which describe the result)."""
+) -> tuple[onnx.ModelProto, FoldPlan]:
+    """Opset first (so the new nodes are written for the final opset), then splice or
+    fold, then :func:`normexport.passes.post_process`, the ordered list that export
+    runs too (names, redundant ops, metadata describing the result)."""
     try:
         if opset is not None:
-            model = onnx_affine.convert_opset(model, opset)
-        if onnx_affine.opset_of(model) < MIN_OPSET:
+            model = onnxkit.convert_opset(model, opset)
+        if onnxkit.opset_of(model) < MIN_OPSET:
             raise GraphError(
-                f"opset {onnx_affine.opset_of(model)} is older than {MIN_OPSET}; add "
-                f"--opset {to_onnx.DEFAULT_OPSET} to convert it"
+                f"opset {onnxkit.opset_of(model)} is older than {MIN_OPSET}; add "
+                f"--opset {onnxkit.DEFAULT_OPSET} to convert it"
             )
         in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
         if mode == "fold":
@@ -437,25 +439,29 @@ def _transform(
 
             model, plan = onnx_affine.fold(model, in_affine, out_affine, load=load)
         else:
-            model, plan = onnx_affine.splice(model, in_affine, out_affine), onnx_affine.SPLICED
+            model, plan = onnx_affine.splice(model, in_affine, out_affine), SPLICED
         if rename:
-            model = _rename(model, shape)
+            _check_rename(model, shape)
+        doc = scalers_to_dict(in_scaler, out_scaler, shape.in_dtype)
+        entries = onnxkit.metadata_entries(mode, doc, plan.to_dict())
+        model = passes.post_process(
+            model,
+            metadata=entries,
+            rename=rename,
+            batch=None if shape.batch else passes.BATCH,
+            own_graph=False,
+        )
     except GraphError as exc:
         raise GraphError(f"{src}: {exc}") from exc
-    dtype = shape.in_dtype
-    doc = scalers_to_dict(in_scaler, out_scaler, dtype)
-    entries = to_onnx.metadata_entries(mode, doc, plan.to_dict())
-    return to_onnx.set_metadata(entries)(model), plan
+    return model, plan
 
 
-def _rename(model: onnx.ModelProto, shape: ModelShape) -> onnx.ModelProto:
-    wanted = {to_onnx.INPUT: shape.input_name, to_onnx.OUTPUT: shape.output_name}
+def _check_rename(model: onnx.ModelProto, shape: ModelShape) -> None:
+    wanted = {passes.INPUT: shape.input_name, passes.OUTPUT: shape.output_name}
     names = onnx_affine.value_names(model)
     for new, old in wanted.items():
         if new != old and new in names:
             raise GraphError(f"cannot rename to {new!r}: the graph already has a value so named")
-    batch = None if shape.batch else to_onnx.BATCH
-    return to_onnx.rename_io(model, batch=batch)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -477,8 +483,8 @@ def _save(model: onnx.ModelProto, path: Path, source_dir: Path, external: bool) 
     memory map, never all loaded at once.
     """
     if not external:
-        return to_onnx.save_model(model, path)
-    model = onnx_affine.copy_model(model)
+        return onnxkit.save_model(model, path)
+    model = onnxkit.copy_model(model)
     params: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
         array = _external_array(tensor, source_dir) if uses_external_data(tensor) else None
@@ -495,8 +501,8 @@ def _save(model: onnx.ModelProto, path: Path, source_dir: Path, external: bool) 
         tensor.ClearField("raw_data")
         params[tensor.name] = array
     if not params:
-        return to_onnx.save_model(model, path)
-    return to_onnx.write_model(model, path, params, external=path.name + ".data")
+        return onnxkit.save_model(model, path)
+    return onnxkit.write_model(model, path, params, external=path.name + ".data")
 
 
 def _external_array(tensor: TensorProto, source_dir: Path) -> np.ndarray | None:

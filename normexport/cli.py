@@ -251,9 +251,9 @@ def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) ->
 
 
 def _train(args: argparse.Namespace) -> int:
-    from normexport.pipeline import train_to_directory
+    from normexport.mx import require
 
-    result = train_to_directory(
+    result = require("exporting").train_to_directory(
         args.data,
         args.inputs,
         args.targets,
@@ -285,19 +285,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from normexport import pipeline
+    from normexport.modeldir import describe_directory
+    from normexport.mx import require
 
+    exporting = require("exporting")
     if args.dir and (args.symbol or args.params or args.out or args.scalers or args.factors):
         raise UserError("give either DIR or --symbol/--params/--out with --scalers or --factors")
     if args.dir:
-        out = pipeline.export_directory(args.dir, mode=args.mode, opset=args.opset)
+        out = exporting.export_directory(args.dir, mode=args.mode, opset=args.opset)
     else:
         missing = [f for f in ("symbol", "params", "out") if not getattr(args, f)]
         if missing:
             raise UserError(f"give DIR, or --symbol, --params and --out (missing --{missing[0]})")
         if bool(args.scalers) == bool(args.factors):
             raise UserError("give exactly one of --scalers or --factors with --symbol")
-        out = pipeline.export_files(
+        out = exporting.export_files(
             args.symbol,
             args.params,
             args.out,
@@ -306,18 +308,17 @@ def _export(args: argparse.Namespace) -> int:
             mode=args.mode,
             opset=args.opset,
         )
-    print(pipeline.describe_directory(out))
+    print(describe_directory(out))
     return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from normexport import pipeline
+    from normexport.predicting import load_input_rows
+    from normexport.verification import report_json, verify
 
-    X = pipeline.load_input_rows(args.dir, args.data) if args.data else None
-    report = pipeline.verify(args.dir, X, rows=args.rows, rtol=args.rtol)
+    X = load_input_rows(args.dir, args.data) if args.data else None
+    report = verify(args.dir, X, rows=args.rows, rtol=args.rtol)
     if args.json:
-        from normexport.verification import report_json
-
         print(report_json(report))
     else:
         print(report.table())
@@ -325,24 +326,24 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from normexport import pipeline
+    from normexport.predicting import predict_csv
 
-    pipeline.predict_csv(args.dir, args.data, args.out)
+    predict_csv(args.dir, args.data, args.out)
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from normexport import pipeline
+    from normexport.inspection import format_inspection, inspect
 
-    summary = pipeline.inspect(args.path)
+    summary = inspect(args.path)
     if args.json:
         import json
 
         print(json.dumps(summary, indent=2))
     else:
-        print(pipeline.format_inspection(summary))
+        print(format_inspection(summary))
     return EXIT_OK
 
 
@@ -372,9 +373,9 @@ def _bake(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from normexport.demo import run_demo
+    from normexport.mx import require
 
-    print(run_demo(Path(args.out), epochs=args.epochs))
+    print(require("demo").run_demo(Path(args.out), epochs=args.epochs))
     return EXIT_OK
 
 

@@ -23,6 +23,10 @@ class GraphError(NormexportError):
     """A network graph cannot be spliced, folded or exported as asked."""
 
 
+class MissingExtraError(NormexportError):
+    """A verb needs an optional part that is not installed (MXNet, Dask): names the extra."""
+
+
 class VerificationError(NormexportError):
     """Runtimes disagree beyond tolerance (the CLI maps this to exit status 1)."""
 

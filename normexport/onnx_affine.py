@@ -62,13 +62,23 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from normexport.errors import GraphError, first_line
+from normexport.affine import (
+    PREFIX,
+    SPLICED,
+    Affine,
+    FoldPlan,
+    as_float64,
+    check_affine,
+    constant_name,
+    fold_dense,
+)
+from normexport.errors import GraphError, NormexportError, first_line
+from normexport.onnxkit import copy_model, opset_of
 
-PREFIX = "normexport_"
+__all__ = ["SPLICED", "FoldPlan", "fold", "plan_fold", "splice"]
 MIN_BN_OPSET = 9  # BatchNormalization-9 is the first without `spatial`/`is_test`
 FLOAT_TYPES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64"}
 
-Affine = tuple[np.ndarray, np.ndarray]
 TensorLoader = Callable[[TensorProto], np.ndarray]
 
 # Ops that, right before the output, mean "the last dense layer is not last".
@@ -80,46 +90,6 @@ ACTIVATIONS = frozenset(
     }
 )
 _EDGE_OPS = ("Identity", "Cast", "Reshape", "Flatten")
-
-
-# ------------------------------------------------------------------------------ the plan
-
-
-@dataclass(frozen=True)
-class FoldPlan:
-    """Which side went where: ``"folded"`` or ``"spliced"``, with the reason if spliced.
-
-    ``input_node``/``output_node`` name the layer a folded side went into.
-    """
-
-    input: str
-    output: str
-    input_reason: str = ""
-    output_reason: str = ""
-    input_node: str = ""
-    output_node: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        """The JSON form stored in ``metadata_props["normexport.fold"]``."""
-        out = {"input": self.input, "output": self.output}
-        for key in ("input_reason", "output_reason", "input_node", "output_node"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        return out
-
-    def messages(self) -> list[str]:
-        """One line per side, for the terminal."""
-        lines = []
-        for side in ("input", "output"):
-            if getattr(self, side) == "folded":
-                lines.append(f"{side} affine folded into {getattr(self, side + '_node')}")
-            else:
-                reason = getattr(self, side + "_reason")
-                lines.append(f"{side} affine spliced" + (f": {reason}" if reason else ""))
-        return lines
-
-
-SPLICED = FoldPlan("spliced", "spliced")
 
 
 # ------------------------------------------------------------------------------ interface
@@ -156,31 +126,6 @@ def interface(model: onnx.ModelProto) -> Interface:
     return Interface(inputs[0], graph.output[0])
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    """The default-domain opset the model imports (0 if none)."""
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """The model at ``opset`` through ``onnx.version_converter`` (a copy if already there)."""
-    if opset_of(model) == opset:
-        return copy_model(model)
-    try:
-        converted = onnx.version_converter.convert_version(model, opset)
-    except Exception as exc:  # the converter raises RuntimeError/IndexError/... freely
-        raise GraphError(
-            f"cannot convert from opset {opset_of(model)} to {opset}: {first_line(exc)}"
-        ) from exc
-    # The converter keeps an external tensor's name and dims but drops where its data is.
-    external = {
-        t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
-    }
-    for tensor in converted.graph.initializer:
-        if tensor.name in external:
-            tensor.CopyFrom(external[tensor.name])
-    return converted
-
-
 def tensor_dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
     """Declared dims (int, symbol or None for unknown), or None if the rank is unknown."""
     tensor = value.type.tensor_type
@@ -211,7 +156,7 @@ def splice_input(model: onnx.ModelProto, scale: Any, shift: Any) -> onnx.ModelPr
     names = _Names(model)
     normalized = names.fresh(PREFIX + "input_normalized")
     _rename_uses(model.graph, name, normalized)
-    nodes, inits = _affine_nodes(model, "input", name, normalized, scale, shift, io.input, names)
+    nodes, inits = affine_nodes(model, "in", name, normalized, (scale, shift), io.input, names)
     _add_initializers(model, inits)
     graph_nodes = list(model.graph.node)
     del model.graph.node[:]
@@ -240,67 +185,123 @@ def splice_output(model: onnx.ModelProto, scale: Any, shift: Any) -> onnx.ModelP
     for value in model.graph.value_info:
         if value.name == name:
             value.name = normalized
-    nodes, inits = _affine_nodes(model, "output", normalized, name, scale, shift, typed, names)
+    nodes, inits = affine_nodes(model, "out", normalized, name, (scale, shift), typed, names)
     _add_initializers(model, inits)
     model.graph.node.extend(nodes)
     return model
 
 
-def _affine_nodes(
+def affine_nodes(
     model: onnx.ModelProto,
     side: str,
     source: str,
     target: str,
-    scale: Any,
-    shift: Any,
+    affine: Affine,
     value: onnx.ValueInfoProto,
     names: _Names,
 ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """The node(s) computing ``target = source * scale + shift`` per column."""
+    """The spliced affine, built here and nowhere else: ``target = source * scale + shift``.
+
+    ``side`` is ``"in"`` or ``"out"``; ``value`` (the tensor's declared type) sets the
+    dtype and width. A 2-D tensor at opset 9 or later gets one inference
+    ``BatchNormalization`` (mean 0, variance 1, epsilon 0); a tensor of other or
+    unknown rank, or an older opset, gets a broadcasting ``Mul`` + ``Add``.
+    """
+    label = "input" if side == "in" else "output"
     elem = value.type.tensor_type.elem_type
     if elem not in FLOAT_TYPES:
         kind = TensorProto.DataType.Name(elem) if elem else "unknown"
-        raise GraphError(f"{side} {value.name!r} has element type {kind}; need FLOAT or DOUBLE")
-    dtype = np.dtype(FLOAT_TYPES[elem])
-    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
-    shift = np.asarray(shift, dtype=np.float64).reshape(-1)
+        raise GraphError(f"{label} {value.name!r} has element type {kind}; need FLOAT or DOUBLE")
+    dtype = FLOAT_TYPES[elem]
     dims = tensor_dims(value)
-    width = dims[-1] if dims else None
-    if scale.shape != shift.shape or (isinstance(width, int) and width != scale.size):
-        raise GraphError(
-            f"{side} {value.name!r} has {width} columns, but the affine has "
-            f"{scale.size} scales and {shift.size} shifts"
-        )
-    if not (np.isfinite(scale).all() and np.isfinite(shift).all() and scale.all()):
-        raise GraphError(f"{side} affine: scales must be finite and non-zero, shifts finite")
-    node_name = names.fresh(f"{PREFIX}{side}_affine")
+    width = dims[-1] if dims and isinstance(dims[-1], int) else None
+    try:
+        scale, shift = check_affine(label, affine, width, dtype=dtype)
+    except NormexportError as exc:
+        raise GraphError(f"{label} {value.name!r}: {exc}") from exc
+    scale_t = numpy_helper.from_array(
+        scale.astype(dtype), names.fresh(constant_name(side, "scale"))
+    )
+    shift_t = numpy_helper.from_array(
+        shift.astype(dtype), names.fresh(constant_name(side, "shift"))
+    )
+    nodes, extra = _affine_ops(model, side, source, target, scale_t, shift_t, dims, names)
+    return nodes, [scale_t, shift_t, *extra]
 
-    def const(suffix: str, array: np.ndarray) -> TensorProto:
-        return numpy_helper.from_array(array.astype(dtype), names.fresh(f"{PREFIX}{side}_{suffix}"))
 
+def _affine_ops(
+    model: onnx.ModelProto,
+    side: str,
+    source: str,
+    target: str,
+    scale: TensorProto,
+    shift: TensorProto,
+    dims: list[int | str | None] | None,
+    names: _Names,
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """The ops of the spliced affine on given ``scale``/``shift`` constants, and the
+    constants those ops add (``BatchNormalization``'s mean 0 and variance 1)."""
+    node_name = names.fresh(constant_name(side, "affine"))
     if dims is not None and len(dims) == 2 and opset_of(model) >= MIN_BN_OPSET:
-        inits = [
-            const("scale", scale),
-            const("shift", shift),
-            const("mean", np.zeros_like(scale)),
-            const("var", np.ones_like(scale)),
+        width = int(np.prod(scale.dims, dtype=np.int64))
+        for tensor in (scale, shift):  # BatchNormalization takes (n,) vectors
+            del tensor.dims[:]
+            tensor.dims.append(width)
+        dtype = helper.tensor_dtype_to_np_dtype(scale.data_type)
+        extra = [
+            numpy_helper.from_array(
+                np.zeros(width, dtype), names.fresh(constant_name(side, "mean"))
+            ),
+            numpy_helper.from_array(np.ones(width, dtype), names.fresh(constant_name(side, "var"))),
         ]
         node = helper.make_node(
             "BatchNormalization",
-            [source, *(t.name for t in inits)],
+            [source, scale.name, shift.name, *(t.name for t in extra)],
             [target],
             name=node_name,
             epsilon=0.0,
         )
-        return [node], inits
+        return [node], extra
     # Unknown rank, a [batch] output or an old opset: plain broadcasting multiply-add.
-    inits = [const("scale", scale), const("shift", shift)]
-    scaled = names.fresh(f"{PREFIX}{side}_scaled")
+    scaled = names.fresh(constant_name(side, "scaled"))
     nodes = [
-        helper.make_node("Mul", [source, inits[0].name], [scaled], name=node_name),
-        helper.make_node("Add", [scaled, inits[1].name], [target], name=names.fresh(node_name)),
+        helper.make_node("Mul", [source, scale.name], [scaled], name=node_name),
+        helper.make_node("Add", [scaled, shift.name], [target], name=names.fresh(node_name)),
     ]
-    return nodes, inits
+    return nodes, []
+
+
+def rebuild_affine(model: onnx.ModelProto, side: str) -> onnx.ModelProto:
+    """Replace a ``Mul``/``Add`` pair on ``normexport_<side>_scale``/``_shift`` constants
+    (how MXNet's exporter writes a splice) with :func:`affine_nodes`; else a copy."""
+    model = copy_model(model)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    scale, shift = constant_name(side, "scale"), constant_name(side, "shift")
+    mul = next((n for n in graph.node if n.op_type == "Mul" and scale in n.input), None)
+    if mul is None or scale not in inits or shift not in inits:
+        return model
+    add = next((n for n in graph.node if n.op_type == "Add" and mul.output[0] in n.input), None)
+    if add is None or shift not in add.input:
+        return model
+    source, target = next(i for i in mul.input if i != scale), add.output[0]
+    typed = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
+    value = typed.get(source if side == "in" else target)
+    if value is None:
+        return model
+    at = next(k for k, n in enumerate(graph.node) if n is mul)
+    body = [n for n in graph.node if n is not mul and n is not add]
+    del graph.node[:]
+    graph.node.extend(body)  # the old pair's node names are free again for the new ones
+    # The constants keep their tensors: export fills in their values only when writing.
+    nodes, extra = _affine_ops(
+        model, side, source, target, inits[scale], inits[shift], tensor_dims(value), _Names(model)
+    )
+    graph.initializer.extend(extra)
+    body[at:at] = nodes
+    del graph.node[:]
+    graph.node.extend(body)
+    return model
 
 
 def typed_output(model: onnx.ModelProto, output: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
@@ -374,10 +375,10 @@ def fold(
     # One entry per layer: the first and the last dense layer may be the same node.
     layers: dict[int, tuple[_Layer, Affine | None, Affine | None]] = {}
     if first is not None:
-        layers[id(first.node)] = (first, _f64(in_affine), None)
+        layers[id(first.node)] = (first, as_float64(in_affine), None)
     if last is not None:
         prev = layers.get(id(last.node))
-        layers[id(last.node)] = (last, prev[1] if prev else None, _f64(out_affine))
+        layers[id(last.node)] = (last, prev[1] if prev else None, as_float64(out_affine))
     names = _Names(model)
     for layer, affine_in, affine_out in layers.values():
         _fold_layer(model, index, names, layer, affine_in, affine_out)
@@ -392,8 +393,8 @@ def _plan(
     index: _Index, in_affine: Affine, out_affine: Affine
 ) -> tuple[FoldPlan, _Layer | None, _Layer | None]:
     io = interface(index.model)
-    in_scale, in_shift = _f64(in_affine)
-    out_scale, out_shift = _f64(out_affine)
+    in_scale, in_shift = as_float64(in_affine)
+    out_scale, out_shift = as_float64(out_affine)
     first = _match_input(index, io, in_scale.size, not in_shift.any())
     last = _match_output(index, io, out_scale.size, not out_shift.any())
     plan = FoldPlan(
@@ -717,14 +718,7 @@ def _fold_layer(
             Cc = None if C2 is None else C2.T
     else:
         Wc, Cc = W, None if C is None else _as_2d(C)
-    if affine_in is not None:
-        scale, shift = affine_in
-        Cc = _plus(Cc, shift @ Wc)
-        Wc = scale[:, None] * Wc
-    if affine_out is not None:
-        scale, shift = affine_out
-        Wc = Wc * scale[None, :]
-        Cc = _plus(None if Cc is None else Cc * scale[None, :], shift)
+    Wc, Cc = fold_dense(Wc, Cc, affine_in, affine_out)
     # Back to the layer's own layout and dtypes.
     if layer.kind == "gemm":
         if layer.data_slot == 0:
@@ -755,14 +749,6 @@ def _fold_layer(
         node.input.append(name)
     else:
         node.input[2] = name
-
-
-def _plus(C: np.ndarray | None, row: np.ndarray) -> np.ndarray | None:
-    """``C + row`` (a row vector); stays None when there is no C and the row is zero."""
-    row = row.reshape(1, -1)
-    if C is None:
-        return row.copy() if row.any() else None
-    return C + row
 
 
 def _as_2d(array: np.ndarray) -> np.ndarray:
@@ -983,21 +969,6 @@ def _label(node: onnx.NodeProto) -> str:
     if node.name:
         return f"{node.op_type} {node.name!r}"
     return f"{node.op_type} (output {node.output[0]!r})" if node.output else node.op_type
-
-
-def _f64(affine: Affine) -> Affine:
-    scale, shift = affine
-    return (
-        np.asarray(scale, dtype=np.float64).reshape(-1),
-        np.asarray(shift, dtype=np.float64).reshape(-1),
-    )
-
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy (every pass returns a new model and leaves its input alone)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def value_names(model: onnx.ModelProto) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from normexport.affine import check_values
 from normexport.errors import DataError, FormatError
 
 SCALERS_FORMAT = "normexport.scalers/1"
@@ -439,13 +440,7 @@ def _default_names(stem: str, n: int) -> list[str]:
 def _check_factors(
     scale: np.ndarray, shift: np.ndarray, names: Sequence[str], source: str = "factors"
 ) -> None:
-    for i, name in enumerate(names):
-        if not np.isfinite(scale[i]) or scale[i] == 0:
-            raise DataError(
-                f"{source}: column {name!r}: scale {scale[i]} must be finite and non-zero"
-            )
-        if not np.isfinite(shift[i]):
-            raise DataError(f"{source}: column {name!r}: shift {shift[i]} is not finite")
+    check_values(scale, shift, [f"column {name!r}" for name in names], source)
 
 
 def _vector(obj: dict[str, Any], key: str, n: int, source: str) -> np.ndarray:

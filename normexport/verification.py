@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from normexport import io
-from normexport.errors import DataError, FormatError, NormexportError, first_line
-from normexport.mxparams import read_params
+from normexport import files
+from normexport.errors import DataError, NormexportError, first_line
+from normexport.modeldir import NET_PREFIX, ONNX_FILE, SCALERS_FILE, symbol_file
+from normexport.reference import numpy_runtime
+from normexport.runtimes import Runtime, onnx_reference_runtime, onnxruntime_runtime
 from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler, scalers_from_dict
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-12}
@@ -103,174 +105,7 @@ class VerificationReport:
         return "\n".join(lines)
 
 
-Runtime = Callable[[np.ndarray], np.ndarray]
-
-
 # ------------------------------------------------------------------------------- runtimes
-
-
-def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for bad files
-        raise FormatError(f"{path}: onnxruntime cannot load the model: {first_line(exc)}") from exc
-    name = session.get_inputs()[0].name
-
-    def run(X: np.ndarray) -> np.ndarray:
-        try:
-            return session.run(None, {name: X})[0]
-        except Exception as exc:  # ORT's own exception types, e.g. a shape that fails at run time
-            raise FormatError(
-                f"{path}: onnxruntime failed to run the model: {first_line(exc)}"
-            ) from exc
-
-    return run
-
-
-REFERENCE_MAX_BYTES = 64 * 1024 * 1024
-
-
-def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
-    import onnx
-    from onnx.reference import ReferenceEvaluator
-
-    size = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
-    if size > REFERENCE_MAX_BYTES:
-        # It holds the weights two to three times over (proto, arrays, transposed copies).
-        raise NotImplementedError(
-            f"the model is {size >> 20} MiB; onnx.reference runs models up to "
-            f"{REFERENCE_MAX_BYTES >> 20} MiB (it copies the weights)"
-        )
-
-    from normexport.onnx_affine import reference_ops
-
-    model = onnx.load(str(path))
-    # inference-mode BatchNormalization: the reference's opset 9-13 kernel uses batch stats
-    evaluator = ReferenceEvaluator(model, new_ops=reference_ops())
-    name = model.graph.input[0].name
-    return lambda X: next(iter(evaluator.run(None, {name: X})))
-
-
-def mxnet_runtime(directory: Path, dtype: str) -> Runtime:
-    """The raw-in/raw-out MXNet model, loaded for inference only.
-
-    Both files go through :func:`normexport.checkpoint.load_checkpoint` (validated in
-    Python; MXNet's C++ loaders can abort the process on hostile files). Not
-    ``SymbolBlock.imports``: it also allocates gradient buffers as large as the weights.
-    """
-    import warnings
-
-    import mxnet as mx
-
-    from normexport.checkpoint import load_checkpoint
-
-    symbol, arg_params, aux_params = load_checkpoint(
-        io.symbol_file(directory, io.MODEL_PREFIX), io.params_file(directory, io.MODEL_PREFIX)
-    )
-    values = {**arg_params, **aux_params}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        block = mx.gluon.SymbolBlock(symbol, [mx.sym.var("data")])
-        for name, param in block.collect_params().items():
-            param.grad_req = "null"
-            # Parameter._load_init is what ParameterDict.load calls per parameter (MXNet 1.9).
-            param._load_init(values.pop(name), [mx.cpu()], cast_dtype=True, dtype_source="saved")
-    return lambda X: block(mx.nd.array(X, dtype=dtype)).asnumpy()
-
-
-class NumpyNet:
-    """Forward pass of an MXNet symbol's Dense-network subset, in NumPy only."""
-
-    def __init__(self, symbol_path: Path, params_path: Path) -> None:
-        doc = io.read_json(symbol_path)
-        try:
-            self.nodes: list[dict[str, Any]] = list(doc["nodes"])
-            self.head = int(doc["heads"][0][0])
-            self.inputs = [[int(ref[0]) for ref in n.get("inputs", [])] for n in self.nodes]
-            ops = [str(n["op"]) for n in self.nodes]
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise FormatError(f"{symbol_path}: not an MXNet symbol file ({exc!r})") from exc
-        if not 0 <= self.head < len(self.nodes) or any(
-            not 0 <= ref < i for i, refs in enumerate(self.inputs) for ref in refs
-        ):
-            raise FormatError(f"{symbol_path}: a node refers to a node that does not precede it")
-        for op in ops:
-            if op not in _NUMPY_OPS:
-                raise NotImplementedError(f"the NumPy reference has no {op} op")
-        # the last node that reads each value: intermediates are freed after it
-        self.last_use = {ref: i for i, refs in enumerate(self.inputs) for ref in refs}
-        params = read_params(params_path)
-        self.params = {k.split(":", 1)[-1]: v for k, v in params.items()}
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        values: dict[int, np.ndarray] = {}
-        with np.errstate(over="ignore"):
-            for i, node in enumerate(self.nodes):
-                args = [values[ref] for ref in self.inputs[i]]
-                if node["op"] == "null":
-                    value = self.params.get(node["name"], X).astype(X.dtype, copy=False)
-                else:
-                    value = _NUMPY_OPS[node["op"]](args, node.get("attrs", {}))
-                values[i] = value
-                for ref in self.inputs[i]:
-                    if (
-                        self.last_use[ref] == i
-                        and ref != self.head
-                        and self.nodes[ref]["op"] != "null"
-                    ):
-                        del values[ref]
-        return values[self.head]
-
-
-def _fully_connected(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
-    x = args[0]
-    if attrs.get("flatten", "True") in ("True", "true", "1"):
-        x = x.reshape(x.shape[0], -1)
-    y = x @ args[1].T
-    if attrs.get("no_bias", "False") not in ("True", "true", "1"):
-        y = y + args[2]
-    return y
-
-
-def _activation(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
-    x, kind = args[0], attrs.get("act_type")
-    one = x.dtype.type(1)
-    if kind == "sigmoid":
-        return one / (one + np.exp(-x))
-    if kind == "tanh":
-        return np.tanh(x)
-    if kind == "relu":
-        return np.maximum(x, 0)
-    if kind == "softrelu":
-        return np.logaddexp(x.dtype.type(0), x)
-    raise NotImplementedError(f"the NumPy reference has no {kind} activation")
-
-
-_NUMPY_OPS: dict[str, Callable[[list[np.ndarray], dict[str, str]], np.ndarray]] = {
-    "null": lambda args, attrs: args[0],
-    "FullyConnected": _fully_connected,
-    "Activation": _activation,
-    "broadcast_mul": lambda args, attrs: args[0] * args[1],
-    "broadcast_add": lambda args, attrs: args[0] + args[1],
-    "elemwise_mul": lambda args, attrs: args[0] * args[1],
-    "elemwise_add": lambda args, attrs: args[0] + args[1],
-    "Flatten": lambda args, attrs: args[0].reshape(args[0].shape[0], -1),
-    "sigmoid": lambda args, attrs: _activation(args, {"act_type": "sigmoid"}),
-    "tanh": lambda args, attrs: np.tanh(args[0]),
-    "relu": lambda args, attrs: np.maximum(args[0], 0),
-}
-
-
-def numpy_runtime(directory: Path, in_scaler: AffineScaler, out_scaler: AffineScaler) -> Runtime:
-    """normalize (scalers.json) → plain net (net-*) → de-normalize, all in NumPy."""
-    net = NumpyNet(
-        io.symbol_file(directory, io.NET_PREFIX), io.params_file(directory, io.NET_PREFIX)
-    )
-    return lambda X: out_scaler.inverse_transform(net(in_scaler.transform(X)))
 
 
 # ------------------------------------------------------------------------------- rows
@@ -428,7 +263,7 @@ def _rows_per_chunk(directory: Path, dtype: str) -> int:
     """Rows whose widest activation fits in :data:`CHUNK_BYTES` (wide nets get smaller
     chunks, so memory stays bounded for any width)."""
     try:
-        nodes = io.read_json(io.symbol_file(directory, io.NET_PREFIX)).get("nodes", [])
+        nodes = files.read_json(symbol_file(directory, NET_PREFIX)).get("nodes", [])
         widths = [int(n.get("attrs", {}).get("num_hidden", 0)) for n in nodes]
     except (NormexportError, AttributeError, TypeError, ValueError):
         return CHUNK_ROWS
@@ -451,7 +286,7 @@ def verify_directory(
     range are used. ``rtol`` overrides the per-dtype tolerance on range-relative error.
     """
     directory = Path(directory)
-    onnx_path = directory / io.ONNX_FILE
+    onnx_path = directory / ONNX_FILE
     if directory.is_file():
         raise NormexportError(
             f"{directory}: is a file; verify takes a model directory (the one `normexport "
@@ -460,7 +295,7 @@ def verify_directory(
     if not onnx_path.is_file():
         raise NormexportError(f"{onnx_path}: no such file; run `normexport export {directory}`")
     in_scaler, out_scaler, dtype = scalers_from_dict(
-        io.read_json(directory / io.SCALERS_FILE), str(directory / io.SCALERS_FILE)
+        files.read_json(directory / SCALERS_FILE), str(directory / SCALERS_FILE)
     )
     if X is None:
         data = random_rows(in_scaler, RANDOM_ROWS, seed)
@@ -480,7 +315,7 @@ def verify_directory(
     return check_rows(
         {
             "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
-            "mxnet": lambda: mxnet_runtime(directory, dtype),
+            "mxnet": lambda: _mxnet_runtime(directory, dtype),
             "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),
             "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
         },
@@ -542,6 +377,28 @@ def check_rows(
         skipped=skipped,
         pairs=pairs,
     )
+
+
+def _mxnet_runtime(directory: Path, dtype: str) -> Runtime:
+    """The MXNet adapter's runtime, when MXNet is installed (verify runs without it)."""
+    try:
+        from normexport.mx.runtime import mxnet_runtime
+    except ImportError as exc:
+        raise NotImplementedError(
+            f"MXNet is not installed ({exc}); pip install 'normexport[mxnet]' to add it"
+        ) from exc
+    return mxnet_runtime(directory, dtype)
+
+
+def verify(
+    model_dir: str | os.PathLike[str],
+    X: Any = None,
+    *,
+    rows: int | None = None,
+    rtol: float | None = None,
+) -> VerificationReport:
+    """Verify a model directory: ``nx.verify(dir, X)``; ``report.ok``, ``report.to_dict()``."""
+    return verify_directory(model_dir, None if X is None else np.asarray(X), rows=rows, rtol=rtol)
 
 
 def report_json(report: VerificationReport) -> str:

@@ -11,7 +11,7 @@ export        splice + ONNX conversion + post-processing + verification (the who
               float32 networks, each case in a fresh subprocess: wall time, peak RSS and
               a per-stage breakdown (the kernel's high-water mark is reset at every stage
               boundary through /proc/self/clear_refs).
-training      samples per second of ``normexport.training.train`` on the demo data,
+training      samples per second of ``normexport.mx.training.train`` on the demo data,
               float32 and float64, interleaved.
 verification  rows per second of ``verify_directory`` and its peak memory, at two row
               counts (the peak must not grow with the rows: verification is chunked).
@@ -201,10 +201,7 @@ def _heavy_imports() -> None:
     import onnx.reference  # noqa: F401
     import onnxruntime  # noqa: F401
 
-    import normexport.checkpoint
-    import normexport.graph
-    import normexport.pipeline
-    import normexport.to_onnx
+    import normexport.mx.exporting
     import normexport.verification  # noqa: F401
 
 
@@ -222,9 +219,10 @@ def worker_prepare_wide(args: dict[str, Any]) -> dict[str, Any]:
     import mxnet as mx
     import numpy as np
 
-    from normexport import checkpoint, graph, io
+    from normexport import files, modeldir
+    from normexport.mx import checkpoint, graph
+    from normexport.mx.training import build_net
     from normexport.scaling import MinMaxScaler, scalers_to_dict
-    from normexport.training import build_net
 
     width, out = int(args["width"]), Path(args["dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -233,22 +231,26 @@ def worker_prepare_wide(args: dict[str, Any]) -> dict[str, Any]:
     net.initialize(mx.init.Xavier(), ctx=mx.cpu())
     net(mx.nd.zeros((1, 3), dtype="float32"))
     ckpt = graph.from_block(net)
-    checkpoint.save_checkpoint(ckpt, out, io.NET_PREFIX)
+    checkpoint.save_checkpoint(ckpt, out, modeldir.NET_PREFIX)
     rng = np.random.default_rng(0)
     X = rng.uniform([200, 0, 0], [400, 0.05, 1], size=(256, 3))
     Y = rng.uniform(-1, 1, size=(256, 2))
     in_sc = MinMaxScaler().fit(X, columns=["temp_k", "strain", "frac"])
     out_sc = MinMaxScaler().fit(Y, columns=["load", "offset"], target=True)
-    io.write_json(out / io.SCALERS_FILE, scalers_to_dict(in_sc, out_sc, "float32"))
+    files.write_json(out / modeldir.SCALERS_FILE, scalers_to_dict(in_sc, out_sc, "float32"))
     params = sum(int(np.prod(v.shape)) for v in ckpt.arg_params.values())
-    return {"parameters": params, "params_bytes": io.params_file(out, io.NET_PREFIX).stat().st_size}
+    return {
+        "parameters": params,
+        "params_bytes": modeldir.params_file(out, modeldir.NET_PREFIX).stat().st_size,
+    }
 
 
 def worker_export(args: dict[str, Any]) -> dict[str, Any]:
     """``export_directory`` of one model directory, instrumented stage by stage."""
     _heavy_imports()
-    from normexport import checkpoint, graph, io, pipeline, to_onnx, verification
+    from normexport import modeldir, onnxkit, verification
     from normexport.errors import VerificationError
+    from normexport.mx import checkpoint, exporter, exporting, graph
 
     gc.collect()
     base = _baseline()
@@ -257,23 +259,23 @@ def worker_export(args: dict[str, Any]) -> dict[str, Any]:
     probe.wrap(graph, "splice", "splice")
     probe.wrap(graph, "fold", "fold")
     probe.wrap(checkpoint, "save_checkpoint", lambda c, d, p: f"save checkpoint ({p}-*)")
-    probe.wrap(to_onnx, "convert", "onnx: total")
-    probe.wrap(to_onnx, "export_graph", "onnx: MXNet exporter (hollow)")
-    probe.wrap(to_onnx, "post_process", "onnx: post-processing passes")
-    probe.wrap(to_onnx, "write_model", "onnx: write weights (streamed)")
-    probe.wrap(to_onnx, "check", "onnx: checker (full_check)")
-    probe.wrap(verification, "verify_directory", "verify: total")
+    probe.wrap(exporting, "convert", "onnx: total")
+    probe.wrap(exporter, "export_graph", "onnx: MXNet exporter (hollow)")
+    probe.wrap(exporter, "post_process", "onnx: post-processing passes")
+    probe.wrap(exporter, "write_model", "onnx: write weights (streamed)")
+    probe.wrap(exporting, "check", "onnx: checker (full_check)")
+    probe.wrap(exporting, "verify_directory", "verify: total")
     instrument_runtimes(probe)
     probe.wrap(verification, "compare", "verify: all rows, all runtimes")
-    probe.wrap(pipeline, "_write_manifest", "manifest (sha256 of files)")
+    probe.wrap(exporting, "write_manifest", "manifest (sha256 of files)")
     if args.get("external"):
-        to_onnx.EXTERNAL_DATA_THRESHOLD = 0  # force the external-data path at any size
+        onnxkit.EXTERNAL_DATA_THRESHOLD = 0  # force the external-data path at any size
     directory = Path(args["dir"])
     ok, error = True, ""
     started = time.perf_counter()
     with probe.stage("export total"):
         try:
-            pipeline.export_directory(directory, mode=args["mode"])
+            exporting.export_directory(directory, mode=args["mode"])
         except VerificationError as exc:
             ok, error = False, first_line(exc)
     wall = time.perf_counter() - started
@@ -288,17 +290,17 @@ def worker_export(args: dict[str, Any]) -> dict[str, Any]:
         "peak_mib": probe.peak_kib / 1024,
         "stages": probe.stages,
         "files": files,
-        "params_bytes": io.params_file(directory, io.NET_PREFIX).stat().st_size,
+        "params_bytes": modeldir.params_file(directory, modeldir.NET_PREFIX).stat().st_size,
     }
 
 
 def worker_verify(args: dict[str, Any]) -> dict[str, Any]:
     """``verify_directory`` over N random rows of the training box, per runtime."""
     _heavy_imports()
-    from normexport import io, pipeline, verification
+    from normexport import modeldir, verification
 
     directory, n = Path(args["dir"]), int(args["rows"])
-    in_scaler, _, _ = pipeline.load_scalers(directory / io.SCALERS_FILE)
+    in_scaler, _, _ = modeldir.load_scalers(directory / modeldir.SCALERS_FILE)
     X = verification.random_rows(in_scaler, n, seed=1)
     gc.collect()
     base = _baseline()
@@ -394,11 +396,11 @@ def run_worker(
 
 
 def demo_options() -> dict[str, Any]:
-    """The demo's training settings (``normexport.demo.run_demo``), without the epochs."""
+    """The demo's training settings (``normexport.mx.demo.run_demo``), without the epochs."""
     import inspect
 
-    from normexport import demo
-    from normexport.training import train
+    from normexport.mx import demo
+    from normexport.mx.training import train
 
     options: dict[str, Any] = {
         "hidden": demo.HIDDEN,
@@ -414,13 +416,14 @@ def demo_options() -> dict[str, Any]:
 def prepare_demo(work: Path, dtype: str, epochs: int) -> Path:
     """The demo network (Munsell data, 3-32-32-32-2 sigmoid), briefly trained, exported
     spliced (``DIR``), folded (``DIR/fold``) and bare (``DIR/bare.onnx``)."""
-    from normexport import checkpoint, demo, io, pipeline, to_onnx
+    from normexport import modeldir
+    from normexport.mx import checkpoint, demo, exporter, exporting
 
     out = work / f"demo-{dtype}"
     if (out / "bare.onnx").is_file():
         return out  # prepared earlier in this run
     shutil.rmtree(out, ignore_errors=True)
-    pipeline.train_to_directory(
+    exporting.train_to_directory(
         demo.data_path(),
         demo.INPUTS,
         demo.TARGETS,
@@ -430,13 +433,16 @@ def prepare_demo(work: Path, dtype: str, epochs: int) -> Path:
         progress=False,
         **demo_options(),
     )
-    pipeline.export_directory(out, mode="splice")
-    in_scaler, out_scaler, _ = pipeline.load_scalers(out / io.SCALERS_FILE)
-    pipeline.export(str(out / io.NET_PREFIX), in_scaler, out_scaler, out / "fold", mode="fold")
-    net = checkpoint.load_checkpoint(
-        io.symbol_file(out, io.NET_PREFIX), io.params_file(out, io.NET_PREFIX)
+    exporting.export_directory(out, mode="splice")
+    in_scaler, out_scaler, _ = modeldir.load_scalers(out / modeldir.SCALERS_FILE)
+    exporting.export(
+        str(out / modeldir.NET_PREFIX), in_scaler, out_scaler, out / "fold", mode="fold"
     )
-    to_onnx.convert(
+    net = checkpoint.load_checkpoint(
+        modeldir.symbol_file(out, modeldir.NET_PREFIX),
+        modeldir.params_file(out, modeldir.NET_PREFIX),
+    )
+    exporter.convert(
         net,
         out / "bare.onnx",
         n_inputs=len(demo.INPUTS),
@@ -450,19 +456,17 @@ def prepare_demo(work: Path, dtype: str, epochs: int) -> Path:
 def baked_files(model_dir: Path) -> tuple[dict[str, Path], str]:
     """The bare file baked by ``normexport.baking.bake`` (fold and splice), if it exists."""
     try:
-        from normexport import baking
+        from normexport import baking, modeldir
     except ImportError:
         return {}, "normexport.baking does not exist yet"
     bake = getattr(baking, "bake", None)
     if bake is None:
         return {}, "normexport.baking has no bake()"
-    from normexport import io
-
     files = {}
     for mode in ("fold", "splice"):
         out = model_dir / f"baked-{mode}.onnx"
         try:
-            bake(model_dir / "bare.onnx", out, scalers=model_dir / io.SCALERS_FILE, mode=mode)
+            bake(model_dir / "bare.onnx", out, scalers=model_dir / modeldir.SCALERS_FILE, mode=mode)
         except Exception as exc:
             return files, f"bake(mode={mode}) failed: {type(exc).__name__}: {first_line(exc)}"
         files[f"baked-{mode}"] = out
@@ -608,14 +612,15 @@ def _optimized_ops(path: Path, tmp: Path) -> list[str]:
 def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[str], None]):
     import numpy as np
 
-    from normexport import demo, io, pipeline
+    from normexport import csvtable, modeldir
+    from normexport.mx import demo
 
     model_dir = prepare_demo(work, dtype, cfg["train_epochs"])
-    in_scaler, out_scaler, _ = pipeline.load_scalers(model_dir / io.SCALERS_FILE)
+    in_scaler, out_scaler, _ = modeldir.load_scalers(model_dir / modeldir.SCALERS_FILE)
     files = {
         "bare": model_dir / "bare.onnx",
-        "spliced": model_dir / io.ONNX_FILE,
-        "folded": model_dir / "fold" / io.ONNX_FILE,
+        "spliced": model_dir / modeldir.ONNX_FILE,
+        "folded": model_dir / "fold" / modeldir.ONNX_FILE,
     }
     baked, baked_note = baked_files(model_dir)
     files.update(baked)
@@ -642,7 +647,7 @@ def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[
         y = run(None, {"input": x * in_s + in_t})[0]
         return y * out_s + out_t
 
-    data = io.load_columns(demo.data_path(), demo.INPUTS)
+    data = csvtable.load_columns(demo.data_path(), demo.INPUTS)
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {
         "dtype": dtype,
@@ -843,10 +848,11 @@ def bench_export(work: Path, cfg: dict[str, Any], log: Callable[[str], None]) ->
 
 
 def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    from normexport import demo, io
-    from normexport.training import train
+    from normexport import csvtable
+    from normexport.mx import demo
+    from normexport.mx.training import train
 
-    X, Y = io.load_table(demo.data_path(), [demo.INPUTS, demo.TARGETS])
+    X, Y = csvtable.load_table(demo.data_path(), [demo.INPUTS, demo.TARGETS])
     epochs = cfg["train_epochs"]
     options = demo_options()
     runs: dict[str, list[float]] = {"float32": [], "float64": []}

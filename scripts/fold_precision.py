@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import random_net
 from test_fold import extreme_scalers, onnx_of, run
 
-from normexport import graph
+from normexport.mx import graph
 from normexport.scaling import AffineScaler
 
 

@@ -2,7 +2,7 @@
 
 Too big for CI, so it is a script: it writes a model directory with a wide float32
 network (3 → W → W → 2, sigmoid; W = 23200 gives 538 M parameters, 2.15 GB, beyond
-protobuf's 2 GiB limit), then runs ``normexport.pipeline.export_directory`` on it in a
+protobuf's 2 GiB limit), then runs ``normexport.mx.exporting.export_directory`` on it in a
 fresh process, instrumented like ``scripts/bench`` (wall time, peak RSS, per stage), and
 checks the result: ``model.onnx`` + ``model.onnx.data``, verification passed.
 

@@ -57,7 +57,7 @@ def random_net(activation="sigmoid", dtype="float64", hidden=(8, 8), n_in=3, n_o
     """An initialized, hybridized net that has run forward once (no training needed)."""
     import mxnet as mx
 
-    from normexport.training import build_net
+    from normexport.mx.training import build_net
 
     mx.random.seed(seed)
     net = build_net(n_out, hidden, activation, dtype)
@@ -101,12 +101,13 @@ def range_relative_error(got, want, out_scaler):
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory, problem):
     """A model directory trained briefly and exported (splice), float32."""
-    from normexport import io, pipeline
+    from normexport import csvtable
+    from normexport.mx import exporting
 
     X, Y = problem
     root = tmp_path_factory.mktemp("trained")
-    io.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
-    pipeline.train_to_directory(
+    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    exporting.train_to_directory(
         root / "data.csv",
         INPUTS,
         TARGETS,
@@ -115,5 +116,5 @@ def trained_dir(tmp_path_factory, problem):
         dtype="float32",
         progress=False,
     )
-    pipeline.export_directory(root / "model")
+    exporting.export_directory(root / "model")
     return root

@@ -26,7 +26,7 @@ from onnx_models import (
 )
 
 import normexport as nx
-from normexport import baking, to_onnx
+from normexport import baking, onnxkit
 from normexport.errors import (
     DataError,
     FormatError,
@@ -103,7 +103,7 @@ def test_bake_writes_a_verified_raw_in_raw_out_file(tmp_path, mlp_file, mode):
 def test_metadata_carries_version_mode_scalers_and_plan(tmp_path, mlp_file):
     model_path, factors, in_affine, out_affine = mlp_file
     result = baking.bake(model_path, tmp_path / "b.onnx", factors=factors, mode="fold")
-    meta = to_onnx.read_metadata(onnx.load(str(tmp_path / "b.onnx")))
+    meta = onnxkit.read_metadata(onnx.load(str(tmp_path / "b.onnx")))
     assert meta["normexport.version"] == nx.__version__
     assert meta["normexport.mode"] == "fold"
     assert json.loads(meta["normexport.fold"]) == result.plan
@@ -236,7 +236,7 @@ def test_scalers_file_dict_npy_and_array_give_the_same_file(tmp_path, problem_sc
         baking.bake(model_path, tmp_path / f"{name}.onnx", **source, mode="fold")
         baked = onnx.load(str(tmp_path / f"{name}.onnx"))
         graphs[name] = baked.graph.SerializeToString()
-        meta = json.loads(to_onnx.read_metadata(baked)["normexport.scalers"])
+        meta = json.loads(onnxkit.read_metadata(baked)["normexport.scalers"])
         assert meta["dtype"] == "float32"  # re-stamped with the model's dtype
         if name in ("json", "dict"):
             assert meta["inputs"]["columns"] == in_sc.columns_
@@ -415,7 +415,7 @@ def test_external_data_survives_opset_conversion(tmp_path):
 
 def test_large_weights_go_external(tmp_path, mlp_file, monkeypatch):
     model_path, factors, in_affine, out_affine = mlp_file
-    monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_THRESHOLD", 10)
+    monkeypatch.setattr(onnxkit, "EXTERNAL_DATA_THRESHOLD", 10)
     big = save(gemm_mlp(hidden=100, trans_b=1), tmp_path / "big.onnx")
     result = baking.bake(big, tmp_path / "b.onnx", factors=factors, mode="fold")
     assert result.written == [tmp_path / "b.onnx", tmp_path / "b.onnx.data"]
@@ -670,13 +670,13 @@ def test_refuses_external_data_outside_the_model_directory(tmp_path):
     [
         ("1 0\n1 0\n1 0\n1 0\n", "f.txt: 4 rows, but the network has 3 inputs and 2 outputs"),
         ("1 0\n1 0\n1 0\n1 0\n1 0\n1 0\n", "f.txt: 6 rows, but the network has 3 inputs"),
-        ("1 0\nnan 0\n1 0\n1 0\n1 0\n", "f.txt: row 2: scale nan and shift 0.0 must be finite"),
+        ("1 0\nnan 0\n1 0\n1 0\n1 0\n", "f.txt: row 2: scale nan must be finite and non-zero"),
         ("1 0\n1 0\n1 0\ninf 0\n1 0\n", "f.txt: row 4: scale inf"),
         (
             "1 0\n1 0\n1 0\n1 0\n0 1\n",
-            "f.txt: row 5: scale 0.0 and shift 1.0 must be finite, scale non-zero",
+            "f.txt: row 5: scale 0.0 must be finite and non-zero",
         ),
-        ("1 0\n1 inf\n1 0\n1 0\n1 0\n", "f.txt: row 2: scale 1.0 and shift inf"),
+        ("1 0\n1 inf\n1 0\n1 0\n1 0\n", "f.txt: row 2: shift inf is not finite"),
         ("1 0 3\n1 0 3\n", "f.txt: expected rows of \\(scale, shift\\)"),
         ("one two\n", "f.txt: not a table of numbers"),
     ],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import INPUTS, TARGETS, mxnet_predict
 
-from normexport import io
+from normexport import csvtable, files
 from normexport.cli import main
 
 
@@ -39,7 +39,7 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli")
     X, Y = smooth_problem(300)
-    io.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
     return root
 
 
@@ -84,12 +84,12 @@ def test_train_export_verify_predict(capsys, workspace, model_dir):
         "report/parity.png",
     ):
         assert (model_dir / name).is_file(), name
-    manifest = io.read_json(model_dir / "manifest.json", "normexport.manifest/1")
+    manifest = files.read_json(model_dir / "manifest.json", "normexport.manifest/1")
     assert manifest["mode"] == "splice" and manifest["opset"] == 13
     assert manifest["training"]["settings"]["epochs"] == 3
     assert manifest["verification"]["ok"] is True
     for name, entry in manifest["files"].items():
-        assert io.sha256_file(model_dir / name) == entry["sha256"]
+        assert files.sha256_file(model_dir / name) == entry["sha256"]
 
     code, out, _ = run(capsys, "verify", model_dir, "--data", workspace / "data.csv")
     assert code == 0 and "result: PASS" in out
@@ -104,11 +104,11 @@ def test_train_export_verify_predict(capsys, workspace, model_dir):
         capsys, "predict", model_dir, workspace / "data.csv", "--out", workspace / "pred.csv"
     )
     assert code == 0
-    assert io.read_header(workspace / "pred.csv") == TARGETS
-    predicted = io.load_columns(workspace / "pred.csv", TARGETS)
-    X = io.load_columns(workspace / "data.csv", INPUTS)
+    assert csvtable.read_header(workspace / "pred.csv") == TARGETS
+    predicted = csvtable.load_columns(workspace / "pred.csv", TARGETS)
+    X = csvtable.load_columns(workspace / "data.csv", INPUTS)
     expected = mxnet_predict(model_dir, "model", X.astype(np.float32), "float32")
-    span = io.load_columns(workspace / "data.csv", TARGETS).ptp(axis=0)
+    span = csvtable.load_columns(workspace / "data.csv", TARGETS).ptp(axis=0)
     assert predicted.shape == (300, 2)
     assert (np.abs(predicted - expected) / span).max() < 1e-5
 
@@ -424,7 +424,7 @@ def test_warnings_are_one_line(capsys, tmp_path):
 
     X, Y = smooth_problem(60)
     X[:, 2] = 0.5  # a constant input column: scale 1, with a warning
-    io.write_csv(tmp_path / "c.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    csvtable.write_csv(tmp_path / "c.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
     import subprocess
     import sys
 

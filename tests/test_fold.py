@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 from conftest import ACTIVATIONS, DTYPES, RTOL, net_with_output_activation, random_net
 
-from normexport import graph, to_onnx
+from normexport import files, inspection, modeldir
+from normexport.mx import exporter, exporting, graph
 from normexport.scaling import AffineScaler, scalers_to_dict
 
 
@@ -28,7 +29,7 @@ def extreme_scalers(seed: int, n_in: int = 3, n_out: int = 2):
 
 def onnx_of(tmp_path, name, checkpoint, dtype, n_in=3, n_out=2):
     path = tmp_path / f"{name}.onnx"
-    to_onnx.convert(checkpoint, path, n_inputs=n_in, n_outputs=n_out, dtype=dtype, metadata={})
+    exporter.convert(checkpoint, path, n_inputs=n_in, n_outputs=n_out, dtype=dtype, metadata={})
     return path
 
 
@@ -85,19 +86,17 @@ def test_fold_equals_splice_at_extreme_scales(tmp_path, dtype, activation, seed)
 def test_fold_metadata_records_the_plan(tmp_path, scalers):
     """manifest, inspect and ONNX metadata say which sides were folded."""
 
-    from normexport import io, pipeline
-
     in_sc, out_sc = scalers
     net = net_with_output_activation("relu")
-    out = pipeline.export(net, in_sc, out_sc, tmp_path / "m", mode="fold")
-    manifest = io.read_json(out / "manifest.json")
+    out = exporting.export(net, in_sc, out_sc, tmp_path / "m", mode="fold")
+    manifest = files.read_json(out / "manifest.json")
     assert manifest["fold"]["input"] == "folded"
     assert manifest["fold"]["output"] == "spliced"
     assert "activation (relu)" in manifest["fold"]["output_reason"]
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert meta["normexport.mode"] == "fold"
     assert '"output": "spliced"' in meta["normexport.fold"]
-    text = pipeline.format_inspection(pipeline.inspect(out))
-    assert "output side spliced" in pipeline.describe_directory(out)
+    text = inspection.format_inspection(inspection.inspect(out))
+    assert "output side spliced" in modeldir.describe_directory(out)
     assert "normexport.fold" in text
     assert scalers_to_dict(in_sc, out_sc, "float32")["dtype"] == "float32"

@@ -15,9 +15,9 @@ from conftest import (
     range_relative_error,
 )
 
-from normexport import graph
-from normexport.checkpoint import load_checkpoint, save_checkpoint
 from normexport.errors import GraphError
+from normexport.mx import graph
+from normexport.mx.checkpoint import load_checkpoint, save_checkpoint
 
 
 def reference(net, in_sc, out_sc, X, dtype):
@@ -75,12 +75,17 @@ def test_spliced_graph_structure(scalers):
     assert [n["op"] for n in nodes][:2] == ["broadcast_mul", "broadcast_add"]
     assert [n["op"] for n in nodes][-2:] == ["broadcast_mul", "broadcast_add"]
     assert [n["name"] for n in nodes][:2] == ["normexport_in_mul", "normexport_in_add"]
-    for name in (graph.IN_SCALE, graph.IN_SHIFT, graph.OUT_SCALE, graph.OUT_SHIFT):
+    for name in (
+        graph.constant_name("in", "scale"),
+        graph.constant_name("in", "shift"),
+        graph.constant_name("out", "scale"),
+        graph.constant_name("out", "shift"),
+    ):
         assert model.arg_params[name].shape[0] == 1
         assert model.arg_params[name].dtype == np.float32
     assert model.symbol.list_arguments()[0] == "data"
     # the input is not mutated
-    assert graph.IN_SCALE not in ck.arg_params
+    assert graph.constant_name("in", "scale") not in ck.arg_params
 
 
 def test_folded_graph_has_exactly_the_bare_ops(scalers):
@@ -185,7 +190,7 @@ def test_refuses_wrong_input_width(scalers):
 def test_refuses_wrong_output_width(scalers):
     ck = graph.from_block(random_net(n_out=3))
     with pytest.raises(
-        GraphError, match="the network has 3 outputs, but the output constants have 2"
+        GraphError, match="the output side has 3 columns, but the affine has 2 scales"
     ):
         graph.splice(ck, scalers[0].affine(), scalers[1].inverse_affine())
 
@@ -209,7 +214,7 @@ def test_refuses_graph_that_already_carries_constants(scalers):
 
 
 def test_refuses_unrun_block():
-    from normexport.training import build_net
+    from normexport.mx.training import build_net
 
     net = build_net(2, (4,))
     net.initialize()

@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 from conftest import INPUTS, TARGETS, smooth_problem
 
-from normexport import io
+from normexport import csvtable
 from normexport.cli import main
+from normexport.mx import exporting
 
 PY = sys.executable
 ENV = {**os.environ, "MPLBACKEND": "Agg"}
@@ -76,12 +77,11 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    from normexport import pipeline
 
     root = tmp_path_factory.mktemp("hardening")
     X, Y = smooth_problem(200)
-    io.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
-    pipeline.train_to_directory(
+    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    exporting.train_to_directory(
         root / "data.csv",
         INPUTS,
         TARGETS,
@@ -91,7 +91,7 @@ def ws(tmp_path_factory) -> Workspace:
         dtype="float32",
         progress=False,
     )
-    pipeline.export_directory(root / "model")
+    exporting.export_directory(root / "model")
     shutil.copytree(root / "model", root / "victim")
     (root / "broken").mkdir()
     return Workspace(root, root / "data.csv", root / "model", root / "victim", root / "broken")
@@ -570,7 +570,7 @@ def test_symbol_validation_accepts_what_gluon_exports(tmp_path):
     import mxnet as mx
     from mxnet import gluon
 
-    from normexport.checkpoint import load_checkpoint
+    from normexport.mx.checkpoint import load_checkpoint
 
     class Branches(gluon.HybridBlock):
         def __init__(self, **kwargs):
@@ -1445,13 +1445,14 @@ def test_special_files_are_refused_not_read(ws, tmp_path, kind):
 
 
 def test_size_limits_apply_before_reading(capsys, ws, monkeypatch):
-    from normexport import checkpoint
+    from normexport import files
+    from normexport.mx import checkpoint
 
     monkeypatch.setattr(checkpoint, "MAX_SYMBOL_BYTES", 1000)
     code, out, err = run_cli(capsys, export_argv()(ws))
     assert_one_line_error(code, out, err, ("net-symbol.json", "larger than the 1000-byte limit"))
     monkeypatch.undo()
-    monkeypatch.setattr(io, "MAX_JSON_BYTES", 100)
+    monkeypatch.setattr(files, "MAX_JSON_BYTES", 100)
     code, out, err = run_cli(capsys, export_argv()(ws))
     assert_one_line_error(code, out, err, ("scalers.json", "larger than the 100-byte limit"))
     monkeypatch.undo()
@@ -1495,9 +1496,11 @@ def test_nothing_is_executed_from_files(capsys, ws, tmp_path):
         code, out, err = run_cli(capsys, argv(ws))
         assert code == 2, err
         assert not marker.exists(), f"{argv(ws)} executed code from a file"
+    from normexport import files
+
     pickled = [
         p.name
-        for p in Path(io.__file__).parent.glob("*.py")
+        for p in Path(files.__file__).parent.rglob("*.py")
         if any(
             word in p.read_text() for word in ("pickle.load", "allow_pickle=True", "eval(", "exec(")
         )
@@ -1661,8 +1664,8 @@ def test_reexport_gives_identical_bytes(ws, tmp_path):
     import mxnet as mx
 
     import normexport as nx
-    from normexport.checkpoint import load_checkpoint
-    from normexport.pipeline import load_scalers
+    from normexport.modeldir import load_scalers
+    from normexport.mx.checkpoint import load_checkpoint
 
     in_scaler, out_scaler, _ = load_scalers(ws.scalers)
     symbol, arg_params, aux_params = load_checkpoint(ws.symbol, ws.params)
@@ -1704,8 +1707,8 @@ def test_width_mismatch_past_the_first_layer_is_one_line(capsys, ws, tmp_path):
     shape inference, and a scalers.json of the wrong width must still give one line."""
     import mxnet as mx
 
-    from normexport.checkpoint import save_checkpoint
-    from normexport.graph import Checkpoint
+    from normexport.mx.checkpoint import save_checkpoint
+    from normexport.mx.graph import Checkpoint
 
     hidden = mx.sym.FullyConnected(
         mx.sym.relu(mx.sym.var("data"), name="act"), num_hidden=4, name="fc0"

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from normexport import io
+from normexport import csvtable, files
 from normexport.errors import DataError, FormatError, NormexportError
 
 
@@ -20,13 +20,13 @@ def write(tmp_path, text, name="t.csv"):
 
 def test_load_columns_selects_by_name(tmp_path):
     path = write(tmp_path, "a,b,c\n1,2,3\n4,5,6\n\n")
-    np.testing.assert_array_equal(io.load_columns(path, ["c", "a"]), [[3, 1], [6, 4]])
-    assert io.read_header(path) == ["a", "b", "c"]
+    np.testing.assert_array_equal(csvtable.load_columns(path, ["c", "a"]), [[3, 1], [6, 4]])
+    assert csvtable.read_header(path) == ["a", "b", "c"]
 
 
 def test_load_table_reads_groups(tmp_path):
     path = write(tmp_path, "a,b,c\n1,2,3\n")
-    X, Y = io.load_table(path, [["a"], ["b", "c"]])
+    X, Y = csvtable.load_table(path, [["a"], ["b", "c"]])
     assert X.shape == (1, 1) and Y.shape == (1, 2)
 
 
@@ -47,43 +47,43 @@ def test_load_table_reads_groups(tmp_path):
 def test_bad_tables_name_file_line_and_column(tmp_path, text, columns, message):
     path = write(tmp_path, text)
     with pytest.raises(DataError) as info:
-        io.load_columns(path, columns)
+        csvtable.load_columns(path, columns)
     assert message in str(info.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.csv: no such file"):
-        io.load_columns(tmp_path / "nope.csv", ["a"])
+        csvtable.load_columns(tmp_path / "nope.csv", ["a"])
 
 
 def test_binary_file_is_refused(tmp_path):
     path = tmp_path / "t.csv"
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DataError, match="t.csv"):
-        io.load_columns(path, ["a"])
+        csvtable.load_columns(path, ["a"])
 
 
 def test_json_round_trip_and_format_tag(tmp_path):
     path = tmp_path / "x.json"
-    io.write_json(path, {"format": "t/1", "v": [1.5, 2]})
-    assert io.read_json(path, "t/1") == {"format": "t/1", "v": [1.5, 2]}
+    files.write_json(path, {"format": "t/1", "v": [1.5, 2]})
+    assert files.read_json(path, "t/1") == {"format": "t/1", "v": [1.5, 2]}
     with pytest.raises(FormatError, match="format tag is 't/1', expected 'u/1'"):
-        io.read_json(path, "u/1")
+        files.read_json(path, "u/1")
 
 
 def test_json_refuses_pickle_garbage_and_nan(tmp_path):
     p = tmp_path / "p.json"
     p.write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(FormatError, match="pickle"):
-        io.read_json(p)
+        files.read_json(p)
     p.write_text("{not json")
     with pytest.raises(FormatError, match="not valid JSON"):
-        io.read_json(p)
+        files.read_json(p)
     p.write_text('{"a": NaN}')
     with pytest.raises(FormatError, match="not valid JSON"):
-        io.read_json(p)
+        files.read_json(p)
     with pytest.raises(NormexportError, match="no such file"):
-        io.read_json(tmp_path / "missing.json")
+        files.read_json(tmp_path / "missing.json")
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
@@ -93,7 +93,7 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     class Boom(RuntimeError):
         pass
 
-    with pytest.raises(Boom), io.atomic_write(path) as handle:
+    with pytest.raises(Boom), files.atomic_write(path) as handle:
         handle.write(b"new half-")
         raise Boom("disk full halfway")
     assert path.read_bytes() == b"old complete file"
@@ -102,18 +102,18 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
 
 def test_atomic_write_replaces_on_success(tmp_path):
     path = tmp_path / "f.txt"
-    io.write_bytes(path, b"one")
-    io.write_bytes(path, b"two")
+    files.write_bytes(path, b"one")
+    files.write_bytes(path, b"two")
     assert path.read_bytes() == b"two"
     assert os.listdir(tmp_path) == ["f.txt"]
 
 
 def test_atomic_write_into_missing_directory(tmp_path):
     with pytest.raises(NormexportError, match="cannot write here"):
-        io.write_bytes(tmp_path / "no" / "f.txt", b"x")
+        files.write_bytes(tmp_path / "no" / "f.txt", b"x")
 
 
 def test_write_csv_round_trips(tmp_path):
     values = np.array([[0.1, 1e-17], [3.0, -2.5]])
-    io.write_csv(tmp_path / "o.csv", ["u", "v"], values)
-    assert io.load_columns(tmp_path / "o.csv", ["u", "v"]).tobytes() == values.tobytes()
+    csvtable.write_csv(tmp_path / "o.csv", ["u", "v"], values)
+    assert csvtable.load_columns(tmp_path / "o.csv", ["u", "v"]).tobytes() == values.tobytes()

@@ -26,7 +26,7 @@ from onnx_models import (
     weights,
 )
 
-from normexport import onnx_affine
+from normexport import affine, onnx_affine, onnxkit
 from normexport.errors import GraphError
 
 DTYPES = ["float32", "float64"]
@@ -101,7 +101,7 @@ def test_splice_twice_gets_fresh_names():
     twice = onnx_affine.splice(once, in_affine, out_affine)
     names = [t.name for t in twice.graph.initializer]
     assert len(names) == len(set(names))
-    assert "normexport_input_scale_1" in names
+    assert "normexport_in_scale_1" in names
     onnx.checker.check_model(twice, full_check=True)
     X = raw_rows(in_affine)
     once_more = expected(once, X, in_affine, out_affine, "float32")  # once on in(x), then out
@@ -125,7 +125,7 @@ def test_reference_evaluator_needs_inference_batchnorm(opset):
 def test_splice_refuses_wrong_widths_and_bad_scales():
     model = gemm_mlp()
     (s_in, t_in), (s_out, t_out) = affines(3, 2)
-    with pytest.raises(GraphError, match="input 'x' has 3 columns, but the affine has 4"):
+    with pytest.raises(GraphError, match="input 'x': the input side has 3 columns, but the affine has 4"):
         onnx_affine.splice_input(model, np.ones(4), np.zeros(4))
     with pytest.raises(GraphError, match="finite and non-zero"):
         onnx_affine.splice_output(model, np.array([1.0, 0.0]), t_out)
@@ -396,7 +396,7 @@ def test_plan_to_dict_is_the_metadata_form():
         "input_node": "Gemm 'fc1'",
         "output_reason": "an activation (Tanh 'act2') follows the last dense layer",
     }
-    assert onnx_affine.SPLICED.to_dict() == {"input": "spliced", "output": "spliced"}
+    assert affine.SPLICED.to_dict() == {"input": "spliced", "output": "spliced"}
 
 
 # ------------------------------------------------------------------------------ opsets
@@ -418,8 +418,8 @@ def test_every_opset_in_both_modes(opset, build):
 
 def test_convert_opset():
     model = matmul_add_mlp()
-    assert onnx_affine.opset_of(onnx_affine.convert_opset(model, 17)) == 17
-    assert onnx_affine.convert_opset(model, 13) is not model
+    assert onnxkit.opset_of(onnxkit.convert_opset(model, 17)) == 17
+    assert onnxkit.convert_opset(model, 13) is not model
 
 
 # ------------------------------------------------------------------------------ properties

@@ -11,8 +11,9 @@ import pytest
 from conftest import ACTIVATIONS, DTYPES, RTOL, random_net, range_relative_error
 from onnx import TensorProto, helper, numpy_helper
 
-from normexport import graph, to_onnx
+from normexport import onnxkit, passes
 from normexport.errors import GraphError
+from normexport.mx import exporter, graph
 from normexport.scaling import scalers_to_dict
 
 ELEM = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}
@@ -25,8 +26,8 @@ def convert(tmp_path, net, in_sc, out_sc, dtype, mode="splice", opset=13):
     else:
         model, _ = graph.fold(ck, in_sc.affine(), out_sc.inverse_affine())
     path = tmp_path / "model.onnx"
-    meta = to_onnx.metadata_entries(mode, scalers_to_dict(in_sc, out_sc, dtype), {})
-    to_onnx.convert(model, path, n_inputs=3, n_outputs=2, dtype=dtype, opset=opset, metadata=meta)
+    meta = onnxkit.metadata_entries(mode, scalers_to_dict(in_sc, out_sc, dtype), {})
+    exporter.convert(model, path, n_inputs=3, n_outputs=2, dtype=dtype, opset=opset, metadata=meta)
     return path
 
 
@@ -76,7 +77,7 @@ def test_onnx_matches_trained_function(tmp_path, problem, scalers, dtype, activa
         activation
     ]
     if activation == "softrelu" and dtype == "float64":
-        act = to_onnx.SOFTPLUS_EXPANSION  # onnxruntime has no double Softplus
+        act = passes.SOFTPLUS_EXPANSION  # onnxruntime has no double Softplus
     bn = "BatchNormalization"  # the spliced Mul+Add pairs, in their fastest exact form
     assert ops == [bn, "Gemm", *act, "Gemm", *act, "Gemm", bn]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -105,7 +106,7 @@ def test_fold_onnx_has_bare_ops(tmp_path, scalers):
     ]
 
 
-@pytest.mark.parametrize("opset", range(13, to_onnx.newest_opset() + 1))
+@pytest.mark.parametrize("opset", range(13, onnxkit.newest_opset() + 1))
 def test_every_supported_opset_runs(tmp_path, problem, scalers, opset):
     X, _ = problem
     net = random_net("sigmoid", "float64")
@@ -121,7 +122,7 @@ def test_every_supported_opset_runs(tmp_path, problem, scalers, opset):
 @pytest.mark.parametrize("opset", [11, 12, 99])
 def test_unsupported_opset_is_refused(opset):
     with pytest.raises(GraphError, match=f"opset {opset} is not supported"):
-        to_onnx.check_opset(opset)
+        exporter.check_opset(opset)
 
 
 def test_weights_are_raw_data_not_float_lists(tmp_path, scalers):
@@ -140,7 +141,7 @@ def test_conversion_is_byte_reproducible(tmp_path, scalers):
 
 def test_external_data_for_large_models(tmp_path, scalers, monkeypatch):
     """The >1 GiB path, exercised with a low threshold (the real size is in scripts/)."""
-    monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(onnxkit, "EXTERNAL_DATA_THRESHOLD", 1000)
     net = random_net("relu", "float32", hidden=(64,))
     path = convert(tmp_path, net, *scalers, "float32")
     assert (tmp_path / "model.onnx.data").is_file()
@@ -182,7 +183,7 @@ def tiny_exported_like() -> onnx.ModelProto:
 def test_passes_without_mxnet():
     model = tiny_exported_like()
     before = model.SerializeToString()
-    out = to_onnx.post_process(model, opset=13, metadata={"normexport.mode": "splice"})
+    out = passes.post_process(model, opset=13, metadata={"normexport.mode": "splice"})
     assert model.SerializeToString() == before, "passes must not mutate their input"
     assert [n.op_type for n in out.graph.node] == ["Gemm"]
     assert list(out.graph.node[0].input) == ["input", "fc_weight", "fc_bias"]
@@ -203,7 +204,7 @@ def test_flatten_of_higher_rank_is_kept():
     model.graph.input[0].CopyFrom(
         helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 1])
     )
-    out = to_onnx.drop_redundant_flatten(to_onnx.drop_initializer_inputs(model))
+    out = passes.drop_redundant_flatten(passes.drop_initializer_inputs(model))
     assert [n.op_type for n in out.graph.node] == ["Flatten", "Gemm"]
 
 
@@ -211,7 +212,7 @@ def test_rename_refuses_several_outputs():
     model = tiny_exported_like()
     model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, [None, 3]))
     with pytest.raises(GraphError, match="one input and one output"):
-        to_onnx.rename_io(to_onnx.drop_initializer_inputs(model))
+        passes.rename_io(passes.drop_initializer_inputs(model))
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage\x00\x01 not a protobuf", b"\x08"])
@@ -219,7 +220,7 @@ def test_load_onnx_refuses_garbage(tmp_path, content):
     path = tmp_path / "bad.onnx"
     path.write_bytes(content)
     with pytest.raises(GraphError, match="bad.onnx: not an ONNX model"):
-        to_onnx.load_onnx(path)
+        onnxkit.load_onnx(path)
 
 
 def test_load_onnx_refuses_truncated_file(tmp_path, scalers):
@@ -227,7 +228,7 @@ def test_load_onnx_refuses_truncated_file(tmp_path, scalers):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(GraphError, match="not an ONNX model"):
-        to_onnx.load_onnx(path)
+        onnxkit.load_onnx(path)
 
 
 def test_onnxruntime_loads_without_warnings(tmp_path, scalers):

@@ -7,7 +7,7 @@ import pytest
 from conftest import smooth_problem
 
 from normexport.errors import DataError
-from normexport.training import train
+from normexport.mx.training import train
 
 
 @pytest.fixture(scope="module")

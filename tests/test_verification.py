@@ -10,7 +10,8 @@ import onnx
 import pytest
 from conftest import INPUTS
 
-from normexport import io, pipeline
+from normexport import files, predicting
+from normexport.mx import exporting
 from normexport.mxparams import read_params
 from normexport.scaling import MinMaxScaler
 from normexport.verification import edge_rows, verify_directory
@@ -90,12 +91,12 @@ def test_tampered_onnx_fails(trained_dir, tmp_path):
 def test_tampered_scalers_fail(trained_dir, tmp_path):
     """The NumPy reference uses scalers.json; a changed shift must be caught."""
     model_dir = copy_model(trained_dir, tmp_path)
-    doc = io.read_json(model_dir / "scalers.json")
+    doc = files.read_json(model_dir / "scalers.json")
     doc["outputs"]["inverse_shift"][0] += 1.0
     doc["outputs"]["shift"][0] = (
         -doc["outputs"]["inverse_shift"][0] / doc["outputs"]["inverse_scale"][0]
     )
-    io.write_json(model_dir / "scalers.json", doc)
+    files.write_json(model_dir / "scalers.json", doc)
     assert not verify_directory(model_dir).ok
 
 
@@ -133,14 +134,14 @@ def test_wrong_width_rows_are_refused(trained_dir):
 
 
 def test_verify_reads_data_columns_by_name(trained_dir):
-    X = pipeline.load_input_rows(trained_dir / "model", trained_dir / "data.csv")
+    X = predicting.load_input_rows(trained_dir / "model", trained_dir / "data.csv")
     assert X.shape[1] == len(INPUTS)
 
 
 def test_onnx_reference_is_skipped_for_large_models_and_says_why(trained_dir, monkeypatch):
-    from normexport import verification
+    from normexport import runtimes, verification
 
-    monkeypatch.setattr(verification, "REFERENCE_MAX_BYTES", 100)
+    monkeypatch.setattr(runtimes, "REFERENCE_MAX_BYTES", 100)
     report = verify_directory(trained_dir / "model")
     assert report.ok
     assert "onnx.reference" not in report.runtimes
@@ -158,7 +159,7 @@ def exported(tmp_path_factory, scalers, dtype, activation):
     key = (dtype, activation)
     if key not in _EXPORTS:
         out = tmp_path_factory.mktemp(f"{dtype}-{activation}")
-        pipeline.export(random_net(activation, dtype), *scalers, out / "m")
+        exporting.export(random_net(activation, dtype), *scalers, out / "m")
         _EXPORTS[key] = out / "m"
     return _EXPORTS[key]
 

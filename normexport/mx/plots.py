@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from normexport import io
+from normexport import files
 
 
 def _pyplot() -> Any:
@@ -63,5 +63,5 @@ def parity(
 
 
 def _save(fig: Any, path: Path) -> None:
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})

@@ -12,7 +12,18 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from normexport import io, pipeline
+from normexport import csvtable, files
+from normexport.modeldir import (
+    MANIFEST_FILE,
+    NET_PREFIX,
+    ONNX_FILE,
+    REPORT_DIR,
+    SCALERS_FILE,
+    describe_directory,
+    load_scalers,
+)
+from normexport.mx.exporting import export, export_directory, train_to_directory
+from normexport.verification import verify
 
 INPUTS = ["x", "y", "Y"]
 TARGETS = ["a", "b"]
@@ -34,7 +45,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool | None = No
     """Train → export (splice, and fold into ``out/fold``) → verify; return the report."""
     started = time.perf_counter()
     data = data_path()
-    result = pipeline.train_to_directory(
+    result = train_to_directory(
         data,
         INPUTS,
         TARGETS,
@@ -48,19 +59,19 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool | None = No
         lr_schedule="cosine",
         progress=progress,
     )
-    pipeline.export_directory(out, mode="splice")
-    in_scaler, out_scaler, _ = pipeline.load_scalers(out / io.SCALERS_FILE)
-    manifest = io.read_json(out / io.MANIFEST_FILE)
-    pipeline.export(
-        str(out / io.NET_PREFIX),
+    export_directory(out, mode="splice")
+    in_scaler, out_scaler, _ = load_scalers(out / SCALERS_FILE)
+    manifest = files.read_json(out / MANIFEST_FILE)
+    export(
+        str(out / NET_PREFIX),
         in_scaler,
         out_scaler,
         out / "fold",
         mode="fold",
         training=manifest.get("training"),
     )
-    X = io.load_columns(data, INPUTS)
-    reports = {mode: pipeline.verify(d, X) for mode, d in (("splice", out), ("fold", out / "fold"))}
+    X = csvtable.load_columns(data, INPUTS)
+    reports = {mode: verify(d, X) for mode, d in (("splice", out), ("fold", out / "fold"))}
 
     lines = [
         f"normexport demo: Munsell renotation data ({X.shape[0]} rows), "
@@ -87,11 +98,11 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool | None = No
             f"  {'PASS' if report.ok else 'FAIL'} (tolerance {report.rtol:g})"
         )
     lines += ["", "per runtime pair (splice):", _indent(reports["splice"].table())]
-    lines += ["", pipeline.describe_directory(out), "", pipeline.describe_directory(out / "fold")]
+    lines += ["", describe_directory(out), "", describe_directory(out / "fold")]
     lines += [
         "",
-        f"plots: {out / io.REPORT_DIR / 'loss.png'}, {out / io.REPORT_DIR / 'parity.png'}",
-        f"next: normexport predict {out} DATA.csv   |   normexport inspect {out / io.ONNX_FILE}",
+        f"plots: {out / REPORT_DIR / 'loss.png'}, {out / REPORT_DIR / 'parity.png'}",
+        f"next: normexport predict {out} DATA.csv   |   normexport inspect {out / ONNX_FILE}",
         f"total {time.perf_counter() - started:.1f} s",
     ]
     if not all(r.ok for r in reports.values()):

@@ -22,11 +22,9 @@ from typing import Any, NamedTuple
 import mxnet as mx
 import numpy as np
 
-from normexport.errors import GraphError, first_line
+from normexport.affine import PREFIX, Affine, FoldPlan, check_affine, constant_name, fold_dense
+from normexport.errors import GraphError, NormexportError, first_line
 
-PREFIX = "normexport_"
-IN_SCALE, IN_SHIFT = "normexport_in_scale", "normexport_in_shift"
-OUT_SCALE, OUT_SHIFT = "normexport_out_scale", "normexport_out_shift"
 INPUT_NAME = "data"
 
 
@@ -34,9 +32,6 @@ class Checkpoint(NamedTuple):
     symbol: mx.sym.Symbol
     arg_params: dict[str, mx.nd.NDArray]
     aux_params: dict[str, mx.nd.NDArray]
-
-
-Affine = tuple[np.ndarray, np.ndarray]  # (scale, shift), float64, one entry per column
 
 
 @dataclass(frozen=True)
@@ -48,24 +43,6 @@ class NetInfo:
     n_outputs: int
     dtype: str
     ops: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class FoldPlan:
-    """Which side went where: ``"folded"`` or ``"spliced"``, with the reason if spliced."""
-
-    input: str
-    output: str
-    input_reason: str = ""
-    output_reason: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        out = {"input": self.input, "output": self.output}
-        if self.input_reason:
-            out["input_reason"] = self.input_reason
-        if self.output_reason:
-            out["output_reason"] = self.output_reason
-        return out
 
 
 # ------------------------------------------------------------------------------ inspection
@@ -218,17 +195,20 @@ def splice(checkpoint: Checkpoint, in_affine: Affine, out_affine: Affine) -> Che
     raw units. The four constants are ``(1, n)`` parameters in the network's dtype.
     """
     info = describe(checkpoint, len(in_affine[0]))
-    _check_width("output", info.n_outputs, out_affine)
+    in_affine, out_affine = _checked(info, in_affine, out_affine)
     checkpoint = _splice_input(checkpoint, info, in_affine)
     return _splice_output(checkpoint, info, out_affine)
 
 
-def _check_width(side: str, width: int, affine: Affine) -> None:
-    if len(affine[0]) != width or len(affine[1]) != width:
-        raise GraphError(
-            f"the network has {width} {side}s, but the {side} constants have "
-            f"{len(affine[0])} scales and {len(affine[1])} shifts"
+def _checked(info: NetInfo, in_affine: Affine, out_affine: Affine) -> tuple[Affine, Affine]:
+    """Both affines through the one factor check, against the network's widths and dtype."""
+    try:
+        return (
+            check_affine("input", in_affine, info.n_inputs, dtype=info.dtype),
+            check_affine("output", out_affine, info.n_outputs, dtype=info.dtype),
         )
+    except NormexportError as exc:
+        raise GraphError(str(exc)) from exc
 
 
 def _constant(values: np.ndarray, dtype: str) -> mx.nd.NDArray:
@@ -236,10 +216,10 @@ def _constant(values: np.ndarray, dtype: str) -> mx.nd.NDArray:
 
 
 def _affine_nodes(x: mx.sym.Symbol, side: str, n: int, dtype: str) -> mx.sym.Symbol:
-    scale = mx.sym.var(f"{PREFIX}{side}_scale", shape=(1, n), dtype=dtype)
-    shift = mx.sym.var(f"{PREFIX}{side}_shift", shape=(1, n), dtype=dtype)
-    scaled = mx.sym.broadcast_mul(x, scale, name=f"{PREFIX}{side}_mul")
-    return mx.sym.broadcast_add(scaled, shift, name=f"{PREFIX}{side}_add")
+    scale = mx.sym.var(constant_name(side, "scale"), shape=(1, n), dtype=dtype)
+    shift = mx.sym.var(constant_name(side, "shift"), shape=(1, n), dtype=dtype)
+    scaled = mx.sym.broadcast_mul(x, scale, name=constant_name(side, "mul"))
+    return mx.sym.broadcast_add(scaled, shift, name=constant_name(side, "add"))
 
 
 def _splice_input(checkpoint: Checkpoint, info: NetInfo, affine: Affine) -> Checkpoint:
@@ -249,8 +229,8 @@ def _splice_input(checkpoint: Checkpoint, info: NetInfo, affine: Affine) -> Chec
     symbol = symbol(**{info.input_name: new_input})
     arg_params = {
         **arg_params,
-        IN_SCALE: _constant(affine[0], info.dtype),
-        IN_SHIFT: _constant(affine[1], info.dtype),
+        constant_name("in", "scale"): _constant(affine[0], info.dtype),
+        constant_name("in", "shift"): _constant(affine[1], info.dtype),
     }
     return Checkpoint(symbol, arg_params, dict(aux_params))
 
@@ -260,8 +240,8 @@ def _splice_output(checkpoint: Checkpoint, info: NetInfo, affine: Affine) -> Che
     symbol = _affine_nodes(symbol, "out", info.n_outputs, info.dtype)
     arg_params = {
         **arg_params,
-        OUT_SCALE: _constant(affine[0], info.dtype),
-        OUT_SHIFT: _constant(affine[1], info.dtype),
+        constant_name("out", "scale"): _constant(affine[0], info.dtype),
+        constant_name("out", "shift"): _constant(affine[1], info.dtype),
     }
     return Checkpoint(symbol, arg_params, dict(aux_params))
 
@@ -347,7 +327,7 @@ def fold(
     cannot be folded are spliced; the returned :class:`FoldPlan` says which and why.
     """
     info = describe(checkpoint, len(in_affine[0]))
-    _check_width("output", info.n_outputs, out_affine)
+    in_affine, out_affine = _checked(info, in_affine, out_affine)
     plan = plan_fold(checkpoint, in_affine, out_affine)
     symbol, arg_params, aux_params = checkpoint
     nodes = _nodes(symbol)
@@ -359,18 +339,19 @@ def fold(
             wide.setdefault(name, arg_params[name].asnumpy().astype(np.float64))
         return names[0], names[1] if len(names) > 1 else None  # no bias: the shift is 0
 
+    # FullyConnected computes data @ W.T + b: fold on W.T, the canonical orientation.
+    targets = []
     if plan.input == "folded":
-        w, b = layer(_consumers(nodes, _index(nodes, info.input_name))[0])
-        scale, shift = in_affine
-        if b is not None:
-            wide[b] = wide[b] + wide[w] @ shift
-        wide[w] = wide[w] * scale[None, :]
+        targets.append((_consumers(nodes, _index(nodes, info.input_name))[0], in_affine, None))
     if plan.output == "folded":
-        w, b = layer(json.loads(symbol.tojson())["heads"][0][0])
-        scale, shift = out_affine
-        wide[w] = scale[:, None] * wide[w]
+        targets.append((json.loads(symbol.tojson())["heads"][0][0], None, out_affine))
+    for index, affine_in, affine_out in targets:  # one after the other, also on one layer
+        w, b = layer(index)
+        W, C = fold_dense(wide[w].T, None if b is None else wide[b][None, :], affine_in, affine_out)
+        wide[w] = W.T
         if b is not None:
-            wide[b] = scale * wide[b] + shift
+            assert C is not None  # a bias stays a bias
+            wide[b] = C.reshape(-1)
     arg_params = {**arg_params, **{k: mx.nd.array(v, dtype=info.dtype) for k, v in wide.items()}}
     folded = Checkpoint(symbol, arg_params, dict(aux_params))
     if plan.input == "spliced":

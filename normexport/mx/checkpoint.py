@@ -28,9 +28,10 @@ import mxnet as mx
 import numpy as np
 from mxnet.base import _LIB
 
-from normexport import io
+from normexport import files
 from normexport.errors import FormatError, first_line
-from normexport.graph import Checkpoint
+from normexport.modeldir import params_file, symbol_file
+from normexport.mx.graph import Checkpoint
 from normexport.mxparams import read_params
 
 MAX_SYMBOL_BYTES = 64 * 1024 * 1024
@@ -42,7 +43,6 @@ _COUNT_ATTRS = ("num_outputs", "num_args")
 _SIZE_ATTRS = ("num_hidden", "num_filter", "input_dim", "output_dim", "state_size")
 _SHAPE_ATTRS = ("__shape__", "shape", "target_shape")
 _INTEGERS = re.compile(r"^\s*[\[(]?\s*(-?\d+\s*(,\s*-?\d+\s*)*,?)?\s*[\])]?\s*$")
-_PICKLE_MAGIC = b"\x80"
 
 
 def load_checkpoint(
@@ -112,8 +112,8 @@ def load_symbol(path: str | os.PathLike[str]) -> mx.sym.Symbol:
     if path.exists() and not path.is_file() and not path.is_dir():
         # A FIFO or a device would block or never end; only regular files are read.
         raise FormatError(f"{path}: not a regular file, expected an MXNet symbol file")
-    raw = io.read_small_file(path, MAX_SYMBOL_BYTES)
-    if raw.startswith(_PICKLE_MAGIC):
+    raw = files.read_small_file(path, MAX_SYMBOL_BYTES)
+    if raw.startswith(files.PICKLE_MAGIC):
         raise FormatError(f"{path}: looks like a Python pickle; expected an MXNet symbol (JSON)")
     try:
         doc = json.loads(raw.decode("utf-8"))
@@ -331,8 +331,8 @@ def save_checkpoint(checkpoint: Checkpoint, directory: str | os.PathLike[str], p
     independent of how the dict was built.
     """
     symbol, arg_params, aux_params = checkpoint
-    io.write_bytes(io.symbol_file(directory, prefix), symbol.tojson().encode("utf-8"))
+    files.write_bytes(symbol_file(directory, prefix), symbol.tojson().encode("utf-8"))
     entries = {f"arg:{k}": arg_params[k] for k in sorted(arg_params)}
     entries.update({f"aux:{k}": aux_params[k] for k in sorted(aux_params)})
-    with io.atomic_path(io.params_file(directory, prefix)) as tmp:
+    with files.atomic_path(params_file(directory, prefix)) as tmp:
         mx.nd.save(str(tmp), entries)

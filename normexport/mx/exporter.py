@@ -1,0 +1,152 @@
+"""Convert a raw-in/raw-out MXNet checkpoint to ONNX with MXNet's own exporter.
+
+The exporter is given *hollow* stand-ins for the weights (right shape and dtype, no
+values), so the op translation runs as usual while the weight values never pass through
+Python lists: the exporter would otherwise copy every parameter into ``float_data`` at
+about 52 bytes per float32 value, and it serializes the whole graph, which fails beyond
+protobuf's 2 GB limit. The values are written afterwards, one tensor at a time, as
+``raw_data`` (or as external data for large models) by
+:func:`normexport.onnxkit.write_model`; the post-processing is
+:func:`normexport.passes.post_process`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from mxnet.onnx import export_model
+
+from normexport import onnxkit
+from normexport.errors import GraphError, first_line
+from normexport.onnxkit import DEFAULT_OPSET, check, newest_opset, write_model
+from normexport.passes import BATCH, post_process
+
+
+def export_graph(
+    symbol: Any,
+    arg_params: dict[str, Any],
+    aux_params: dict[str, Any],
+    n_inputs: int,
+    dtype: str,
+) -> onnx.ModelProto:
+    """Run MXNet's exporter on hollow weights; return the model without weight values."""
+    hollow = [
+        {k: _HollowParam(v.shape, v.dtype) for k, v in params.items()}
+        for params in (arg_params, aux_params)
+    ]
+    with tempfile.TemporaryDirectory(prefix="normexport-onnx-") as tmp:
+        path = os.path.join(tmp, "graph.onnx")
+        # The exporter logs at INFO and warns about opsets; it has nothing for our users.
+        logger = logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            export_model(
+                symbol,
+                hollow,
+                in_shapes=[(1, n_inputs)],
+                in_types=[np.dtype(dtype)],
+                onnx_file_path=path,
+                dynamic=True,
+                dynamic_input_shapes=[(BATCH, n_inputs)],
+            )
+        except Exception as exc:  # the exporter raises bare AttributeError/ValueError/...
+            raise GraphError(f"MXNet's ONNX exporter failed: {first_line(exc)}") from exc
+        finally:
+            logger.setLevel(level)
+        return onnx.load(path)
+
+
+class _Unfilled(Sequence[float]):
+    """A sequence with a tensor's length but a single value: what the exporter copies.
+
+    One value (not none) keeps the exporter's own ``check_graph`` content; the real
+    values replace it in :func:`write_model`.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: Any) -> Any:
+        raise IndexError(index)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter((0.0,))
+
+
+class _HollowArray(np.ndarray):
+    """Zero-strided array of the right shape whose ``flatten().tolist()`` holds nothing."""
+
+    def flatten(self, order: Any = "C") -> Any:
+        return self
+
+    def tolist(self) -> Any:
+        return _Unfilled(int(np.prod(self.shape, dtype=np.int64)))
+
+
+@dataclass(frozen=True)
+class _HollowParam:
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def asnumpy(self) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape).view(_HollowArray)
+
+
+def needs_external_data(params: dict[str, Any]) -> bool:
+    total = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in params.values())
+    return total > onnxkit.EXTERNAL_DATA_THRESHOLD
+
+
+def convert(
+    checkpoint: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    n_inputs: int,
+    n_outputs: int,
+    dtype: str,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str],
+    run_checker: bool = True,
+) -> list[Path]:
+    """The whole conversion: export, post-process, write the weights, check.
+
+    Returns the files written (the model, plus ``<name>.data`` for large models).
+    ``run_checker=False`` leaves :func:`check` to the caller (who may first release
+    the checkpoint: the checker loads the whole file).
+    """
+    symbol, arg_params, aux_params = checkpoint
+    check_opset(opset)
+    model = export_graph(symbol, arg_params, aux_params, n_inputs, dtype)
+    model = post_process(model, opset=opset, metadata=metadata, widths=(n_inputs, n_outputs))
+    params = {**arg_params, **aux_params}
+    external = Path(out_path).name + ".data" if needs_external_data(params) else None
+    written = write_model(model, out_path, params, external=external)
+    if run_checker:
+        check(out_path)
+    return written
+
+
+def check_opset(opset: int) -> int:
+    newest = newest_opset()
+    if not MIN_OPSET <= opset <= newest:
+        raise GraphError(
+            f"opset {opset} is not supported: choose {MIN_OPSET} to {newest} (MXNet's "
+            f"exporter translates ops with opset 13 rules; onnx {onnx.__version__} knows "
+            f"opsets up to {newest})"
+        )
+    return opset
+
+
+MIN_OPSET = 13  # the exporter translates with opset 12/13 rules; converting down fails

@@ -1,0 +1,359 @@
+"""Export and train to a model directory: the only code that knows the order of the stages.
+
+train → (scalers.json, net-*) → splice or fold → model-* → model.onnx → verify →
+manifest.json. A directory is written in a staging directory beside it and swapped
+into place only when complete (manifest last), so a crash or a kill leaves either the
+previous complete directory or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normexport import csvtable, files
+from normexport.affine import SPLICED, load_factors
+from normexport.errors import DataError, GraphError, NormexportError, VerificationError
+from normexport.modeldir import (
+    MODEL_PREFIX,
+    NET_PREFIX,
+    ONNX_FILE,
+    REPORT_DIR,
+    SCALERS_FILE,
+    load_scalers,
+    model_directory,
+    read_manifest,
+    repair,
+    write_manifest,
+)
+from normexport.mx import checkpoint as ckpt
+from normexport.mx import graph, plots
+from normexport.mx.exporter import check, check_opset, convert
+from normexport.mx.training import train
+from normexport.onnxkit import metadata_entries
+from normexport.scaling import (
+    AffineScaler,
+    MinMaxScaler,
+    StandardScaler,
+    factors_to_scalers,
+    scalers_to_dict,
+)
+from normexport.verification import verify_directory
+
+MODES = ("splice", "fold")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def export(
+    model: Any,
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    out_dir: str | os.PathLike[str],
+    *,
+    mode: str = "splice",
+    opset: int = 13,
+    verify_rows: np.ndarray | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete model directory for ``model`` with the scalers baked in.
+
+    ``model`` is a hybridized Gluon block that has run forward once, a checkpoint
+    prefix (``"path/net"`` for ``net-symbol.json`` + ``net-0000.params``), or a
+    ``(symbol, arg_params, aux_params)`` tuple. The directory gets ``scalers.json``,
+    ``net-*`` (the plain network), ``model-*`` (raw in, raw out), ``model.onnx`` and
+    ``manifest.json``; the export is verified (on ``verify_rows`` if given, else on
+    random rows over the training range) before it is swapped into place, and a
+    failing verification raises :class:`~normexport.errors.VerificationError`
+    leaving any previous directory untouched.
+    """
+    return _export(
+        lambda: _as_checkpoint(model),
+        in_scaler,
+        out_scaler,
+        Path(out_dir),
+        mode=mode,
+        opset=opset,
+        verify_rows=verify_rows,
+        training=training,
+        write_net=True,
+    )
+
+
+def _export(
+    load: Callable[[], Any],
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    out_dir: Path,
+    *,
+    mode: str,
+    opset: int,
+    verify_rows: np.ndarray | None,
+    training: dict[str, Any] | None,
+    write_net: bool,
+) -> Path:
+    """:func:`export` with the checkpoint loaded by ``load`` (so that only this function
+    holds it and can release it before verification). ``write_net=False`` keeps the
+    directory's own ``net-*`` (re-exporting a trained directory need not rewrite it)."""
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_opset(opset)
+    checkpoint = load()
+    info = graph.describe(checkpoint, in_scaler.n_features_in_)
+    if info.n_outputs != out_scaler.n_features_in_:
+        raise GraphError(
+            f"the network has {info.n_outputs} outputs, but the output scaler has "
+            f"{out_scaler.n_features_in_} columns ({', '.join(out_scaler.columns_)})"
+        )
+    out_scaler.check_target()
+    scalers = scalers_to_dict(in_scaler, out_scaler, info.dtype)
+    with model_directory(out_dir) as stage, _stages(4) as step:
+        step(f"{mode}: MXNet model and ONNX conversion")
+        fold = _write_model_files(
+            stage, checkpoint, scalers, in_scaler, out_scaler, info, mode, opset, write_net
+        )
+        # The checker and the runtimes load the model again: drop our copy first.
+        del checkpoint
+        step("onnx.checker (full check)")
+        check(stage / ONNX_FILE)
+        step("verification")
+        report = verify_directory(stage, verify_rows)
+        step("manifest")
+        write_manifest(
+            stage,
+            {
+                "mode": mode,
+                "fold": fold,
+                "opset": opset,
+                "dtype": info.dtype,
+                "inputs": list(in_scaler.columns_),
+                "outputs": list(out_scaler.columns_),
+                "training": training,
+                "verification": report.summary(),
+            },
+        )
+        if not report.ok:
+            raise VerificationError(
+                "verification failed; the export was not written\n" + report.table()
+            )
+    return out_dir
+
+
+def export_directory(
+    model_dir: str | os.PathLike[str], *, mode: str = "splice", opset: int = 13
+) -> Path:
+    """Re-export a directory written by :func:`train_to_directory` (``normexport export DIR``)."""
+    model_dir = Path(model_dir)
+    repair(model_dir)  # a killed swap may have left DIR aside as .DIR.old-PID
+    if model_dir.exists() and not model_dir.is_dir():
+        raise NormexportError(
+            f"{model_dir}: not a directory; give the model directory `normexport train` wrote"
+        )
+    in_scaler, out_scaler, _ = load_scalers(model_dir / SCALERS_FILE)
+    manifest = read_manifest(model_dir)
+    return _export(
+        lambda: _as_checkpoint(str(model_dir / NET_PREFIX)),
+        in_scaler,
+        out_scaler,
+        model_dir,
+        mode=mode,
+        opset=opset,
+        verify_rows=None,
+        training=manifest.get("training") if manifest else None,
+        write_net=False,
+    )
+
+
+def train_to_directory(
+    data_csv: str | os.PathLike[str],
+    inputs: Sequence[str],
+    targets: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    scaler: str = "minmax",
+    **train_options: Any,
+) -> Any:
+    """Load a CSV, fit scalers, train, and write ``scalers.json``, ``net-*``, plots and a
+    training manifest into ``out_dir``. Returns the :class:`~normexport.training.TrainResult`."""
+    _check_columns(inputs, targets)
+    X, Y = csvtable.load_table(data_csv, [inputs, targets])
+    scaler_cls = {"minmax": MinMaxScaler, "standard": StandardScaler}.get(scaler)
+    if scaler_cls is None:
+        raise DataError(f"scaler must be minmax or standard, got {scaler!r}")
+    in_scaler = scaler_cls().fit(X, columns=inputs)
+    try:
+        out_scaler = scaler_cls().fit(Y, columns=targets, target=True)
+    except DataError as exc:
+        raise DataError(f"{data_csv}: {exc}") from exc
+    result = train(X, Y, in_scaler=in_scaler, out_scaler=out_scaler, **train_options)
+    net_checkpoint = graph.from_block(result.net)
+    dtype = result.settings["dtype"]
+    with model_directory(out_dir, keep=False) as stage:
+        files.write_json(stage / SCALERS_FILE, scalers_to_dict(in_scaler, out_scaler, dtype))
+        ckpt.save_checkpoint(net_checkpoint, stage, NET_PREFIX)
+        (stage / REPORT_DIR).mkdir(exist_ok=True)
+        plots.loss_curves(result.history, result.best_epoch, stage / REPORT_DIR / "loss.png")
+        assert result.holdout_true is not None and result.holdout_pred is not None
+        plots.parity(
+            result.holdout_true,
+            result.holdout_pred,
+            list(targets),
+            stage / REPORT_DIR / "parity.png",
+            rows=result.rmse_on,
+        )
+        summary = result.summary()
+        summary["data"] = str(data_csv)
+        summary["report"] = [f"{REPORT_DIR}/loss.png", f"{REPORT_DIR}/parity.png"]
+        write_manifest(stage, {"dtype": dtype, "training": summary})
+    return result
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _as_checkpoint(model: Any) -> Any:
+    if isinstance(model, (str, os.PathLike)):
+        prefix = str(model)
+        return ckpt.load_checkpoint(f"{prefix}-symbol.json", f"{prefix}-0000.params")
+    if isinstance(model, tuple) and len(model) == 3:
+        return graph.Checkpoint(*model)
+    if hasattr(model, "collect_params"):
+        return graph.from_block(model)
+    raise DataError(
+        "model must be a Gluon HybridBlock, a checkpoint prefix, or "
+        f"(symbol, arg_params, aux_params); got {type(model).__name__}"
+    )
+
+
+def _write_model_files(
+    stage: Path,
+    checkpoint: Any,
+    scalers: dict[str, Any],
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    info: Any,
+    mode: str,
+    opset: int,
+    write_net: bool,
+) -> dict[str, str]:
+    """scalers.json, net-*, model-* and model.onnx; returns the fold plan."""
+    in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
+    if mode == "fold":
+        model, plan = graph.fold(checkpoint, in_affine, out_affine)
+        fold = plan.to_dict()
+    else:
+        model = graph.splice(checkpoint, in_affine, out_affine)
+        fold = SPLICED.to_dict()
+    files.write_json(stage / SCALERS_FILE, scalers)
+    if write_net:
+        ckpt.save_checkpoint(checkpoint, stage, NET_PREFIX)
+    ckpt.save_checkpoint(model, stage, MODEL_PREFIX)
+    for stale in stage.glob(ONNX_FILE + "*"):
+        stale.unlink()
+    convert(
+        model,
+        stage / ONNX_FILE,
+        n_inputs=info.n_inputs,
+        n_outputs=info.n_outputs,
+        dtype=info.dtype,
+        opset=opset,
+        metadata=metadata_entries(mode, scalers, fold),
+        run_checker=False,  # _export runs it once the checkpoint is released
+    )
+    return fold
+
+
+def _check_columns(inputs: Sequence[str], targets: Sequence[str]) -> None:
+    if not inputs or not targets:
+        raise DataError("give at least one input column and one target column")
+    both = set(inputs) & set(targets)
+    if both:
+        raise DataError(f"column {sorted(both)[0]!r} is both an input and a target")
+    for group in (inputs, targets):
+        if len(set(group)) != len(group):
+            raise DataError(f"duplicate column in {', '.join(group)}")
+
+
+@contextlib.contextmanager
+def _stages(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over named stages (stderr, only on a terminal)."""
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc="export",
+        unit="stage",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        bar_format="{desc} [{n}/{total}]",
+    )
+    started = False
+
+    def step(name: str) -> None:
+        nonlocal started
+        if started:
+            bar.update(1)
+        started = True
+        bar.set_description_str(f"export: {name}")
+
+    try:
+        yield step
+        bar.update(1)
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def export_files(
+    symbol: str | os.PathLike[str],
+    params: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    scalers: str | os.PathLike[str] | None = None,
+    factors: str | os.PathLike[str] | None = None,
+    mode: str = "splice",
+    opset: int = 13,
+) -> Path:
+    """Export a checkpoint trained elsewhere, with a ``scalers.json`` or a factors file."""
+    if (scalers is None) == (factors is None):
+        raise DataError("give exactly one of scalers or factors")
+    model = ckpt.load_checkpoint(symbol, params)
+    if scalers is not None:
+        in_scaler, out_scaler, dtype = load_scalers(scalers)
+        try:
+            info = graph.describe(model, in_scaler.n_features_in_)
+        except GraphError as exc:
+            raise GraphError(f"{exc} (input columns from {scalers})") from exc
+        if info.n_outputs != out_scaler.n_features_in_:
+            raise GraphError(
+                f"{scalers}: 'outputs' has {out_scaler.n_features_in_} columns "
+                f"({', '.join(out_scaler.columns_)}), but the network has "
+                f"{info.n_outputs} outputs"
+            )
+        net_dtype = info.dtype
+        if dtype != net_dtype:
+            raise GraphError(
+                f"{scalers}: dtype is {dtype}, but the network's parameters in {params} are "
+                f"{net_dtype}"
+            )
+    else:
+        assert factors is not None
+        rows = load_factors(factors)
+        info = graph.widths_from_total(model, len(rows))
+        in_scaler, out_scaler = factors_to_scalers(
+            rows, info.n_inputs, info.n_outputs, str(factors)
+        )
+    return export(model, in_scaler, out_scaler, out_dir, mode=mode, opset=opset)

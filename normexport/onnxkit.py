@@ -1,0 +1,276 @@
+"""The ONNX toolbox: load, check, streamed write, opset, metadata and summary.
+
+Used by every path that reads or writes an ONNX file (export, bake, predict, inspect,
+verify). Writing streams the weights one tensor at a time (:func:`write_model`), so no
+path holds a second copy of the model in the protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from normexport import __version__, files
+from normexport.errors import GraphError, first_line
+
+DEFAULT_OPSET = 13
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to an external data file
+
+
+def newest_opset() -> int:
+    return int(onnx.defs.onnx_opset_version())
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports (0 if none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The model at ``opset`` through ``onnx.version_converter`` (a copy if already there)."""
+    if opset_of(model) == opset:
+        return copy_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises RuntimeError/IndexError/... freely
+        raise GraphError(
+            f"cannot convert from opset {opset_of(model)} to {opset}: {first_line(exc)}"
+        ) from exc
+    # The converter keeps an external tensor's name and dims but drops where its data is.
+    external = {
+        t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
+    }
+    for tensor in converted.graph.initializer:
+        if tensor.name in external:
+            tensor.CopyFrom(external[tensor.name])
+    return converted
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (every pass returns a new model and leaves its input alone)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def write_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    params: dict[str, Any] | None = None,
+    *,
+    external: str | None = None,
+) -> list[Path]:
+    """Write ``model`` atomically, filling the initializers named in ``params`` one
+    tensor at a time; return the files written.
+
+    ``params`` maps initializer names to arrays (NumPy, memory maps, or anything with
+    ``asnumpy()``), read only while that tensor is written, so the weights are never
+    all copied into the protobuf. Without ``external`` they are streamed into the file
+    as ``raw_data``: the weightless model is serialized first, then each tensor as a
+    ``graph.initializer`` entry of its own (protobuf merges repeated fields that follow,
+    so the file parses as one model). With ``external`` (a file name relative to the
+    model), they are written to that file and referenced by offset, as onnx's external
+    data format describes.
+    """
+    path = Path(path)
+    model = copy_model(model)
+    params = params or {}
+    filled = [t for t in model.graph.initializer if t.name in params]
+    for tensor in filled:
+        for field in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
+            tensor.ClearField(field)
+    if external is None:
+        kept = [t for t in model.graph.initializer if t.name not in params]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        with files.atomic_write(path) as handle:
+            handle.write(model.SerializeToString())
+            for tensor in filled:
+                array = _tensor_array(tensor, params[tensor.name])
+                handle.write(_initializer_prefix(tensor, array.nbytes))
+                array.tofile(handle)
+                del array
+        return [path]
+    offset = 0
+    placed = []
+    for tensor in filled:
+        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * _itemsize(tensor)
+        offset = -(-offset // 64) * 64  # align like onnx's own external data writer
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, val in (("location", external), ("offset", str(offset)), ("length", str(nbytes))):
+            tensor.external_data.append(onnx.StringStringEntryProto(key=key, value=val))
+        placed.append((offset, tensor))
+        offset += nbytes
+    data_path = path.parent / external
+    with files.atomic_write(data_path) as handle:
+        for start, tensor in placed:
+            handle.seek(start)
+            array = _tensor_array(tensor, params[tensor.name])
+            array.tofile(handle)
+            del array
+    files.write_bytes(path, model.SerializeToString())
+    return [path, data_path]
+
+
+def _itemsize(tensor: TensorProto) -> int:
+    return int(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+
+
+def _tensor_array(tensor: TensorProto, value: Any) -> np.ndarray:
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.ascontiguousarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
+    if array.size != int(np.prod(tensor.dims, dtype=np.int64)) or array.dtype != dtype:
+        raise GraphError(
+            f"initializer {tensor.name}: {array.dtype} {array.shape} does not fit "
+            f"{np.dtype(dtype).name} {list(tensor.dims)}"
+        )
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
+def _initializer_prefix(tensor: TensorProto, nbytes: int) -> bytes:
+    """Wire-format bytes of ``ModelProto.graph.initializer[+] = tensor`` up to the raw data.
+
+    Field numbers from onnx.proto: ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.raw_data = 9; all length-delimited (wire type 2).
+    """
+    head = TensorProto(name=tensor.name, dims=list(tensor.dims), data_type=tensor.data_type)
+    tensor_head = head.SerializeToString() + _key(9) + _varint(nbytes)
+    tensor_len = len(tensor_head) + nbytes
+    graph_head = _key(5) + _varint(tensor_len)
+    return _key(7) + _varint(len(graph_head) + tensor_len) + graph_head + tensor_head
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
+    """Write a model whose values are all in the proto, atomically."""
+    return write_model(model, path)
+
+
+def check(path: str | os.PathLike[str], *, label: str | None = None) -> None:
+    """``onnx.checker`` with ``full_check`` (on the path, so external data and >2 GB work).
+
+    ``label`` names the file in the error when ``path`` is a staged temporary copy.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GraphError(
+            f"{label or path}: the ONNX checker refuses the file (full check): {first_line(exc)}"
+        ) from exc
+
+
+def metadata_entries(mode: str, scalers: dict[str, Any], fold: dict[str, str]) -> dict[str, str]:
+    return {
+        "normexport.version": __version__,
+        "normexport.mode": mode,
+        "normexport.fold": json.dumps(fold, sort_keys=True),
+        "normexport.scalers": json.dumps(scalers, sort_keys=True),
+    }
+
+
+# --------------------------------------------------------------------------- reading
+
+MAX_ONNX_BYTES = 64 * 1024**3
+
+
+def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file with a clear error for missing, garbage or truncated files."""
+
+    path = Path(path)
+    if not path.is_file():
+        raise GraphError(f"{path}: no such file")
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise GraphError(f"{path}: larger than {MAX_ONNX_BYTES} bytes")
+    try:
+        # format="protobuf": onnx would otherwise pick a text parser from a .json/.txt name
+        model = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, ValueError, RuntimeError, ...
+        raise GraphError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
+    if not model.graph.node and not model.graph.input:
+        raise GraphError(f"{path}: not an ONNX model (no graph)")
+    if with_weights:
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                location = next(e.value for e in tensor.external_data if e.key == "location")
+                if not (path.parent / location).is_file():
+                    raise GraphError(f"{path}: external data file {location} is missing")
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise GraphError(f"{path}: cannot read external data ({first_line(exc)})") from exc
+    return model
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Interface, ops, weights and metadata of an ONNX file (weights are not loaded)."""
+    from collections import Counter
+
+    model = load_onnx(path, with_weights=False)
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+
+    def value(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = v.type.tensor_type
+        dims = [
+            d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
+            for d in tensor.shape.dim
+        ]
+        return {
+            "name": v.name,
+            "type": TensorProto.DataType.Name(tensor.elem_type),
+            "shape": dims,
+        }
+
+    meta = read_metadata(model)
+    summary: dict[str, Any] = {
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "graph": graph.name,
+        "inputs": [value(v) for v in graph.input if v.name not in inits],
+        "outputs": [value(v) for v in graph.output],
+        "ops": dict(Counter(n.op_type for n in graph.node)),
+        "initializers": len(graph.initializer),
+        "parameters": int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer)),
+        "metadata": {k: v for k, v in meta.items() if k != "normexport.scalers"},
+    }
+    if "normexport.scalers" in meta:
+        try:
+            summary["scalers"] = json.loads(meta["normexport.scalers"])
+        except json.JSONDecodeError:
+            summary["metadata"]["normexport.scalers"] = "(not valid JSON)"
+    return summary
