@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from normexport import csvtable, files, onnx_affine, onnxkit, passes
+from normexport import files, onnx_affine, onnxkit, passes, tables
 from normexport.affine import SPLICED, FoldPlan, check_factors, load_factors
 from normexport.errors import (
     DataError,
@@ -394,7 +394,7 @@ def _factor_array(factors: Any) -> np.ndarray:
 
 def _data_rows(data: str | os.PathLike[str], in_scaler: AffineScaler) -> np.ndarray:
     """The input columns of a CSV: by name, or all columns when there are exactly n_in."""
-    header = csvtable.read_header(data)
+    header = tables.read_header(data)
     columns = in_scaler.columns_
     if not all(c in header for c in columns):
         if len(header) != len(columns):
@@ -403,7 +403,7 @@ def _data_rows(data: str | os.PathLike[str], in_scaler: AffineScaler) -> np.ndar
                 f"{len(columns)} columns); it has {', '.join(header)}"
             )
         columns = header
-    return csvtable.load_columns(data, columns)
+    return tables.load_columns(data, columns)
 
 
 # ------------------------------------------------------------------------------ transform

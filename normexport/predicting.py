@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normexport import csvtable
+from normexport import tables
 from normexport.errors import NormexportError
 from normexport.modeldir import ONNX_FILE, model_scalers
 from normexport.runtimes import onnxruntime_runtime
@@ -18,7 +18,7 @@ from normexport.verification import CHUNK_ROWS
 
 def load_input_rows(model: str | os.PathLike[str], data_csv: str | os.PathLike[str]) -> np.ndarray:
     in_scaler, _, _ = model_scalers(Path(model))
-    return csvtable.load_columns(data_csv, in_scaler.columns_)
+    return tables.load_columns(data_csv, in_scaler.columns_)
 
 
 def predict_csv(
@@ -30,13 +30,13 @@ def predict_csv(
     if not onnx_path.is_file():
         raise NormexportError(f"{onnx_path}: no such file")
     in_scaler, out_scaler, dtype = model_scalers(path)
-    X = csvtable.load_columns(data_csv, in_scaler.columns_)
+    X = tables.load_columns(data_csv, in_scaler.columns_)
     run = onnxruntime_runtime(onnx_path)
     Y = np.concatenate(
         [run(X[i : i + CHUNK_ROWS].astype(dtype)) for i in range(0, X.shape[0], CHUNK_ROWS)]
     )
     if out_csv:
-        csvtable.write_csv(out_csv, out_scaler.columns_, Y)
+        tables.write_table(out_csv, out_scaler.columns_, Y)
     else:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(out_scaler.columns_)

@@ -612,7 +612,7 @@ def _optimized_ops(path: Path, tmp: Path) -> list[str]:
 def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[str], None]):
     import numpy as np
 
-    from normexport import csvtable, modeldir
+    from normexport import modeldir, tables
     from normexport.mx import demo
 
     model_dir = prepare_demo(work, dtype, cfg["train_epochs"])
@@ -647,7 +647,7 @@ def bench_inference(work: Path, cfg: dict[str, Any], dtype: str, log: Callable[[
         y = run(None, {"input": x * in_s + in_t})[0]
         return y * out_s + out_t
 
-    data = csvtable.load_columns(demo.data_path(), demo.INPUTS)
+    data = tables.load_columns(demo.data_path(), demo.INPUTS)
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {
         "dtype": dtype,
@@ -848,11 +848,11 @@ def bench_export(work: Path, cfg: dict[str, Any], log: Callable[[str], None]) ->
 
 
 def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    from normexport import csvtable
+    from normexport import tables
     from normexport.mx import demo
     from normexport.mx.training import train
 
-    X, Y = csvtable.load_table(demo.data_path(), [demo.INPUTS, demo.TARGETS])
+    X, Y = tables.load_table(demo.data_path(), [demo.INPUTS, demo.TARGETS])
     epochs = cfg["train_epochs"]
     options = demo_options()
     runs: dict[str, list[float]] = {"float32": [], "float64": []}

@@ -101,12 +101,12 @@ def range_relative_error(got, want, out_scaler):
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory, problem):
     """A model directory trained briefly and exported (splice), float32."""
-    from normexport import csvtable
+    from normexport import tables
     from normexport.mx import exporting
 
     X, Y = problem
     root = tmp_path_factory.mktemp("trained")
-    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    tables.write_table(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
     exporting.train_to_directory(
         root / "data.csv",
         INPUTS,

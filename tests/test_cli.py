@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import INPUTS, TARGETS, mxnet_predict
 
-from normexport import csvtable, files
+from normexport import files, tables
 from normexport.cli import main
 
 
@@ -39,7 +39,7 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli")
     X, Y = smooth_problem(300)
-    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    tables.write_table(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
     return root
 
 
@@ -104,11 +104,11 @@ def test_train_export_verify_predict(capsys, workspace, model_dir):
         capsys, "predict", model_dir, workspace / "data.csv", "--out", workspace / "pred.csv"
     )
     assert code == 0
-    assert csvtable.read_header(workspace / "pred.csv") == TARGETS
-    predicted = csvtable.load_columns(workspace / "pred.csv", TARGETS)
-    X = csvtable.load_columns(workspace / "data.csv", INPUTS)
+    assert tables.read_header(workspace / "pred.csv") == TARGETS
+    predicted = tables.load_columns(workspace / "pred.csv", TARGETS)
+    X = tables.load_columns(workspace / "data.csv", INPUTS)
     expected = mxnet_predict(model_dir, "model", X.astype(np.float32), "float32")
-    span = csvtable.load_columns(workspace / "data.csv", TARGETS).ptp(axis=0)
+    span = tables.load_columns(workspace / "data.csv", TARGETS).ptp(axis=0)
     assert predicted.shape == (300, 2)
     assert (np.abs(predicted - expected) / span).max() < 1e-5
 
@@ -424,7 +424,7 @@ def test_warnings_are_one_line(capsys, tmp_path):
 
     X, Y = smooth_problem(60)
     X[:, 2] = 0.5  # a constant input column: scale 1, with a warning
-    csvtable.write_csv(tmp_path / "c.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    tables.write_table(tmp_path / "c.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
     import subprocess
     import sys
 

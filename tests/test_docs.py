@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import INPUTS, TARGETS, smooth_problem
 
-from normexport import csvtable
+from normexport import tables
 from normexport.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,8 @@ def shell_commands(code: str) -> list[list[str]]:
 def scratch(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
     X, Y = smooth_problem(300)
-    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
-    csvtable.write_csv(root / "new_rows.csv", INPUTS, X[:10])
+    tables.write_table(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    tables.write_table(root / "new_rows.csv", INPUTS, X[:10])
     np.savetxt(
         root / "factors.txt", [[0.01, -2.5], [100.0, 0.0], [1.0, 0.0], [100.0, 0.0], [40.0, 0.0]]
     )

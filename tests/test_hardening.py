@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from conftest import INPUTS, TARGETS, smooth_problem
 
-from normexport import csvtable
+from normexport import tables
 from normexport.cli import main
 from normexport.mx import exporting
 
@@ -80,7 +80,7 @@ def ws(tmp_path_factory) -> Workspace:
 
     root = tmp_path_factory.mktemp("hardening")
     X, Y = smooth_problem(200)
-    csvtable.write_csv(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
+    tables.write_table(root / "data.csv", INPUTS + TARGETS, np.column_stack([X, Y]))
     exporting.train_to_directory(
         root / "data.csv",
         INPUTS,

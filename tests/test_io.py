@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from normexport import csvtable, files
+from normexport import files, tables
 from normexport.errors import DataError, FormatError, NormexportError
 
 
@@ -20,13 +20,13 @@ def write(tmp_path, text, name="t.csv"):
 
 def test_load_columns_selects_by_name(tmp_path):
     path = write(tmp_path, "a,b,c\n1,2,3\n4,5,6\n\n")
-    np.testing.assert_array_equal(csvtable.load_columns(path, ["c", "a"]), [[3, 1], [6, 4]])
-    assert csvtable.read_header(path) == ["a", "b", "c"]
+    np.testing.assert_array_equal(tables.load_columns(path, ["c", "a"]), [[3, 1], [6, 4]])
+    assert tables.read_header(path) == ["a", "b", "c"]
 
 
 def test_load_table_reads_groups(tmp_path):
     path = write(tmp_path, "a,b,c\n1,2,3\n")
-    X, Y = csvtable.load_table(path, [["a"], ["b", "c"]])
+    X, Y = tables.load_table(path, [["a"], ["b", "c"]])
     assert X.shape == (1, 1) and Y.shape == (1, 2)
 
 
@@ -47,20 +47,20 @@ def test_load_table_reads_groups(tmp_path):
 def test_bad_tables_name_file_line_and_column(tmp_path, text, columns, message):
     path = write(tmp_path, text)
     with pytest.raises(DataError) as info:
-        csvtable.load_columns(path, columns)
+        tables.load_columns(path, columns)
     assert message in str(info.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.csv: no such file"):
-        csvtable.load_columns(tmp_path / "nope.csv", ["a"])
+        tables.load_columns(tmp_path / "nope.csv", ["a"])
 
 
 def test_binary_file_is_refused(tmp_path):
     path = tmp_path / "t.csv"
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DataError, match="t.csv"):
-        csvtable.load_columns(path, ["a"])
+        tables.load_columns(path, ["a"])
 
 
 def test_json_round_trip_and_format_tag(tmp_path):
@@ -115,5 +115,5 @@ def test_atomic_write_into_missing_directory(tmp_path):
 
 def test_write_csv_round_trips(tmp_path):
     values = np.array([[0.1, 1e-17], [3.0, -2.5]])
-    csvtable.write_csv(tmp_path / "o.csv", ["u", "v"], values)
-    assert csvtable.load_columns(tmp_path / "o.csv", ["u", "v"]).tobytes() == values.tobytes()
+    tables.write_table(tmp_path / "o.csv", ["u", "v"], values)
+    assert tables.load_columns(tmp_path / "o.csv", ["u", "v"]).tobytes() == values.tobytes()

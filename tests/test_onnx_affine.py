@@ -125,7 +125,9 @@ def test_reference_evaluator_needs_inference_batchnorm(opset):
 def test_splice_refuses_wrong_widths_and_bad_scales():
     model = gemm_mlp()
     (s_in, t_in), (s_out, t_out) = affines(3, 2)
-    with pytest.raises(GraphError, match="input 'x': the input side has 3 columns, but the affine has 4"):
+    with pytest.raises(
+        GraphError, match="input 'x': the input side has 3 columns, but the affine has 4"
+    ):
         onnx_affine.splice_input(model, np.ones(4), np.zeros(4))
     with pytest.raises(GraphError, match="finite and non-zero"):
         onnx_affine.splice_output(model, np.array([1.0, 0.0]), t_out)

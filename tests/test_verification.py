@@ -139,7 +139,7 @@ def test_verify_reads_data_columns_by_name(trained_dir):
 
 
 def test_onnx_reference_is_skipped_for_large_models_and_says_why(trained_dir, monkeypatch):
-    from normexport import runtimes, verification
+    from normexport import runtimes
 
     monkeypatch.setattr(runtimes, "REFERENCE_MAX_BYTES", 100)
     report = verify_directory(trained_dir / "model")

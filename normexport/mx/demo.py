@@ -12,7 +12,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from normexport import csvtable, files
+from normexport import files, tables
 from normexport.modeldir import (
     MANIFEST_FILE,
     NET_PREFIX,
@@ -70,7 +70,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool | None = No
         mode="fold",
         training=manifest.get("training"),
     )
-    X = csvtable.load_columns(data, INPUTS)
+    X = tables.load_columns(data, INPUTS)
     reports = {mode: verify(d, X) for mode, d in (("splice", out), ("fold", out / "fold"))}
 
     lines = [

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from normexport import csvtable, files
+from normexport import files, tables
 from normexport.affine import SPLICED, load_factors
 from normexport.errors import DataError, GraphError, NormexportError, VerificationError
 from normexport.modeldir import (
@@ -183,7 +183,7 @@ def train_to_directory(
     """Load a CSV, fit scalers, train, and write ``scalers.json``, ``net-*``, plots and a
     training manifest into ``out_dir``. Returns the :class:`~normexport.training.TrainResult`."""
     _check_columns(inputs, targets)
-    X, Y = csvtable.load_table(data_csv, [inputs, targets])
+    X, Y = tables.load_table(data_csv, [inputs, targets])
     scaler_cls = {"minmax": MinMaxScaler, "standard": StandardScaler}.get(scaler)
     if scaler_cls is None:
         raise DataError(f"scaler must be minmax or standard, got {scaler!r}")

@@ -340,7 +340,7 @@ def fold(
         return names[0], names[1] if len(names) > 1 else None  # no bias: the shift is 0
 
     # FullyConnected computes data @ W.T + b: fold on W.T, the canonical orientation.
-    targets = []
+    targets: list[tuple[int, Affine | None, Affine | None]] = []
     if plan.input == "folded":
         targets.append((_consumers(nodes, _index(nodes, info.input_name))[0], in_affine, None))
     if plan.output == "folded":
