@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from normexport import tables
-from normexport.errors import DataError
+from normexport.errors import DataError, NormexportError
 
 
 def write(tmp_path, text, name="t.csv"):
@@ -26,7 +26,7 @@ def write(tmp_path, text, name="t.csv"):
 
 
 def message(call, *args, **kw):
-    with pytest.raises(DataError) as info:
+    with pytest.raises(NormexportError) as info:
         call(*args, **kw)
     text = str(info.value)
     assert "\n" not in text
