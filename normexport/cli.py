@@ -161,12 +161,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb(
         "predict",
-        "Run model.onnx on the raw input columns of a CSV; write the target columns.",
-        "normexport predict model_dir data.csv --out predictions.csv",
+        "Run model.onnx on the raw input columns of a table; write the target columns.",
+        "normexport predict model_dir data.parquet --out predictions.csv --keep id",
     )
-    p.add_argument("dir", metavar="DIR", help="model directory or model .onnx file")
-    p.add_argument("data", metavar="DATA.csv")
-    p.add_argument("--out", metavar="OUT.csv", help="output CSV (default: standard output)")
+    p.add_argument("dir", metavar="DIR|MODEL.onnx", help="model directory or model .onnx file")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        help=".csv, .csv.gz, .parquet, or a directory of Parquet files (with --engine dask "
+        "also a glob of CSV files: one output file per input file)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="OUT",
+        help="output .csv or .parquet (default: CSV on standard output); with --engine, "
+        "a directory",
+    )
+    p.add_argument(
+        "--keep",
+        type=_columns,
+        default=[],
+        metavar="ID,...",
+        help="input columns copied to the output, in order, ahead of the targets",
+    )
+    p.add_argument(
+        "--batch-rows",
+        type=_positive(int),
+        metavar="N",
+        help="rows per record batch (default: 65536, sized for throughput)",
+    )
+    p.add_argument("--delimiter", metavar="C", help="CSV delimiter (default ','; '\\t' for tab)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="pass empty cells and NaN to the model as NaN instead of refusing them",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["dask"],
+        help="score DATA's partitions on a Dask cluster into the directory --out "
+        "(pip install 'normexport[dask]')",
+    )
+    p.add_argument(
+        "--scheduler", metavar="ADDR", help="with --engine dask: a running scheduler's address"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive(int),
+        metavar="N",
+        help="with --engine dask and no --scheduler: local worker processes (default: 2)",
+    )
 
     p = verb(
         "inspect",
@@ -241,6 +285,11 @@ def _classify(exc: Exception) -> tuple[int, str]:
         f"normexport: internal error: {type(exc).__name__}: {first_line(exc)} "
         "(run again with --debug for the traceback)"
     )
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options the user gave; the others take the called function's own defaults."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> str:
@@ -326,11 +375,22 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from normexport.predicting import predict_csv
+    if args.engine == "dask":
+        if not args.out:
+            raise UserError("--engine dask writes one file per partition: give --out DIR")
+        from normexport.engines.dask import run_cli
 
-    predict_csv(args.dir, args.data, args.out)
+        return run_cli(args.dir, args.data, args.out, args.keep, args.scheduler, args.workers)
+    if args.scheduler or args.workers:
+        raise UserError("--scheduler and --workers go with --engine dask")
+    from normexport.predicting import predict
+
+    options = _given(args, "batch_rows", "delimiter")  # else the function's defaults
+    rows = predict(
+        args.dir, args.data, args.out, keep=args.keep, allow_missing=args.allow_missing, **options
+    )
     if args.out:
-        print(f"wrote {args.out}", file=sys.stderr)
+        print(f"wrote {args.out} ({rows} rows)", file=sys.stderr)
     return EXIT_OK
 
 

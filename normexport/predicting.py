@@ -1,44 +1,74 @@
-"""Run an exported model on a table: raw input columns in, raw target columns out."""
+"""Run an exported model on a table: raw input columns in, raw target columns out.
+
+The table streams: each record batch is read, run through the model and written before
+the next is read, so memory is bounded by the batch whatever the row count. The model
+runs through the same :class:`~normexport.partition.PartitionPredictor` that the Dask
+engine ships to its workers, so one process and a cluster give the same numbers.
+"""
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from normexport import tables
-from normexport.errors import NormexportError
-from normexport.modeldir import ONNX_FILE, model_scalers
-from normexport.runtimes import onnxruntime_runtime
-from normexport.verification import CHUNK_ROWS
+from normexport.modeldir import model_scalers
+from normexport.partition import partition_predictor
 
 
-def load_input_rows(model: str | os.PathLike[str], data_csv: str | os.PathLike[str]) -> np.ndarray:
+def load_input_rows(model: str | os.PathLike[str], data: str | os.PathLike[str]) -> np.ndarray:
+    """The model's input columns of a table, by name (for ``verify --data``)."""
     in_scaler, _, _ = model_scalers(Path(model))
-    return tables.load_columns(data_csv, in_scaler.columns_)
+    return tables.load_columns(data, in_scaler.columns_)
 
 
-def predict_csv(
-    model: str | os.PathLike[str], data_csv: str | os.PathLike[str], out_csv: str | None
-) -> np.ndarray:
-    """Run ``model.onnx`` on the CSV's input columns; write the target columns by name."""
-    path = Path(model)
-    onnx_path = path / ONNX_FILE if path.is_dir() else path
-    if not onnx_path.is_file():
-        raise NormexportError(f"{onnx_path}: no such file")
-    in_scaler, out_scaler, dtype = model_scalers(path)
-    X = tables.load_columns(data_csv, in_scaler.columns_)
-    run = onnxruntime_runtime(onnx_path)
-    Y = np.concatenate(
-        [run(X[i : i + CHUNK_ROWS].astype(dtype)) for i in range(0, X.shape[0], CHUNK_ROWS)]
+def predict(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    keep: Sequence[str] = (),
+    batch_rows: int = tables.DEFAULT_BATCH_ROWS,
+    delimiter: str | None = None,
+    allow_missing: bool = False,
+    progress: bool | None = None,
+) -> int:
+    """Predict every row of ``data`` into ``out`` (CSV or Parquet by extension; CSV on
+    standard output when ``out`` is None); returns the number of rows.
+
+    ``keep`` copies those input columns to the output, in order, ahead of the targets;
+    rows keep the input's order. The output file appears only when complete.
+    """
+    predictor = partition_predictor(model, keep, batch_rows=batch_rows, threads=os.cpu_count() or 1)
+    batches = tables.iter_batches(
+        data,
+        [predictor.inputs],
+        keep=predictor.keep,
+        batch_rows=batch_rows,
+        delimiter=delimiter,
+        allow_missing=allow_missing,
     )
-    if out_csv:
-        tables.write_table(out_csv, out_scaler.columns_, Y)
-    else:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(out_scaler.columns_)
-        writer.writerows([repr(v) for v in row] for row in Y.tolist())
-    return Y
+    names = [*predictor.keep, *predictor.targets]
+    rows = 0
+    with tables.TableWriter(out) as writer, _progress(progress) as bar:
+        for batch in batches:
+            Y = predictor.run(batch.arrays[0].astype(predictor.dtype, copy=False))
+            outputs = [pa.array(np.ascontiguousarray(Y[:, j])) for j in range(Y.shape[1])]
+            writer.write(names, [*batch.kept.columns, *outputs])
+            rows += batch.rows
+            bar.update(batch.rows)
+    return rows
+
+
+def _progress(enabled: bool | None) -> Any:
+    """A rows/s progress bar on stderr, shown only on a terminal unless asked for."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(desc="predict", unit=" rows", unit_scale=True, file=sys.stderr, disable=not show)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 from conftest import INPUTS, TARGETS, mxnet_predict
 
 from normexport import files, tables

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # the study trains MXNet nets
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "why_custom_layers_stall.py"
 SEED = 0

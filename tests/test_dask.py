@@ -26,21 +26,21 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-import cloudpickle  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+import cloudpickle
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from onnx import TensorProto, helper, numpy_helper
 
-import normexport as nx  # noqa: E402
-from normexport import partition  # noqa: E402
-from normexport.engines import MANIFEST_FILE, MANIFEST_FORMAT  # noqa: E402
-from normexport.engines.dask import predict_dataset, run_cli  # noqa: E402
-from normexport.errors import DataError  # noqa: E402
-from normexport.partition import PartitionPredictor, partition_predictor  # noqa: E402
-from normexport.scaling import scalers_to_dict  # noqa: E402
+import normexport as nx
+from normexport import partition
+from normexport.engines import MANIFEST_FILE, MANIFEST_FORMAT
+from normexport.engines.dask import predict_dataset, run_cli
+from normexport.errors import DataError
+from normexport.partition import PartitionPredictor, partition_predictor
+from normexport.scaling import scalers_to_dict
 
 INPUTS = ["temp_k", "strain", "frac"]
 TARGETS = ["load", "offset"]

@@ -8,12 +8,17 @@ shown to users but not run here: those frameworks are not test dependencies.
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import re
 import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import INPUTS, TARGETS, smooth_problem
 
 from normexport import tables

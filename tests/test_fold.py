@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from conftest import ACTIVATIONS, DTYPES, RTOL, net_with_output_activation, random_net
 
 from normexport import files, inspection, modeldir

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import mxnet as mx
 import numpy as np
-import pytest
 from conftest import (
     ACTIVATIONS,
     DTYPES,

@@ -9,6 +9,12 @@ process, so a regression shows up as a failed test rather than a dead test run.
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import contextlib
 import hashlib
 import io as _io
@@ -26,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import INPUTS, TARGETS, smooth_problem
 
 from normexport import tables

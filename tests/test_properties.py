@@ -25,13 +25,18 @@ Examples per test: ``NORMEXPORT_PROPERTY_EXAMPLES`` (default 10, about 10 s in a
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import ACTIVATIONS, DTYPES, RTOL, random_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

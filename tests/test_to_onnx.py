@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import json
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from conftest import ACTIVATIONS, DTYPES, RTOL, random_net, range_relative_error
 from onnx import TensorProto, helper, numpy_helper
 

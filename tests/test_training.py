@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
+import numpy as np
 from conftest import smooth_problem
 
 from normexport.errors import DataError

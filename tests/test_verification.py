@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import MXNET_SKIP
+
+pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
+pytest.importorskip("mxnet", reason=MXNET_SKIP)
+
 import json
 import shutil
 
 import numpy as np
 import onnx
-import pytest
 from conftest import INPUTS
 
 from normexport import files, predicting
