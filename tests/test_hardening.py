@@ -1111,8 +1111,9 @@ def onnx_dir_argv(verb: str, kind: str):
 def onnx_fault(verb: str, where: str, kind: str) -> str:
     if kind == "missing":
         return "no such file"
-    # Verbs that open a directory's model.onnx in onnxruntime first report its refusal.
-    return "cannot load the model" if where == "dir" and verb != "inspect" else "not an ONNX model"
+    # verify opens a directory's model.onnx in onnxruntime first and reports its refusal;
+    # predict and inspect read the file's interface first.
+    return "cannot load the model" if where == "dir" and verb == "verify" else "not an ONNX model"
 
 
 def onnx_metadata(name: str, edit):
