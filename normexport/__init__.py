@@ -15,7 +15,7 @@ imported on first use, so ``import normexport`` loads neither MXNet nor onnx.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normexport.errors import (
     DataError,
@@ -25,7 +25,9 @@ from normexport.errors import (
     NormexportError,
     VerificationError,
 )
-from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler
+
+if TYPE_CHECKING:
+    from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,9 @@ __all__ = [
 # The functions live in modules whose names differ from theirs: a submodule called
 # `train` would replace the function `normexport.train` the moment it is imported.
 _LAZY = {
+    "AffineScaler": "normexport.scaling",
+    "MinMaxScaler": "normexport.scaling",
+    "StandardScaler": "normexport.scaling",
     "verify": "normexport.verification",
     "bake": "normexport.baking",
     "partition_predictor": "normexport.partition",
@@ -58,7 +63,8 @@ _ADAPTER = {"export": "exporting", "train": "training"}  # in normexport.mx
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `import normexport` (and `normexport --help`) never loads MXNet.
+    # Lazy so that `import normexport` loads nothing heavy (not even numpy): the CLI can
+    # take over Ctrl-C before any import, and `normexport --help` never loads MXNet.
     import importlib
 
     if name in _ADAPTER:

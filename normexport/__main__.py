@@ -1,5 +1,3 @@
-import sys
+from normexport.cli import run
 
-from normexport.cli import main
-
-sys.exit(main())
+run()

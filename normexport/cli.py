@@ -7,9 +7,22 @@ Each verb imports its stage lazily, so ``normexport --help`` never loads MXNet.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def _interrupted_early(signum: int, frame: object) -> None:
+    # Ctrl-C before main() is running (while the imports below load): one line, no traceback.
+    print("normexport: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+# Before any heavy import, so an early Ctrl-C never prints a traceback; main() hands
+# SIGINT back to Python, where KeyboardInterrupt unwinds (and cleans up) normally.
+signal.signal(signal.SIGINT, _interrupted_early)
+
 import argparse
 import os
-import sys
 import textwrap
 import traceback
 import warnings
@@ -246,8 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The console script: :func:`main`, then exit. The work is done (or undone) when
+    main returns, so a Ctrl-C during the interpreter's shutdown is ignored."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # now KeyboardInterrupt, below
     debug = "--debug" in argv
     warnings.formatwarning = _one_line_warning
     try:

@@ -2,6 +2,9 @@
 
 The one atomic-write mechanism for files: a temporary file beside the target, fsynced,
 then ``os.replace``d over it. (Directories have theirs in :mod:`normexport.modeldir`.)
+A target that is not a regular file (a FIFO, ``/dev/null``, ``/dev/stdout``) is written
+to as a stream, never replaced; a symbolic link is followed, so the file it names is
+replaced and the link stays.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import IO, Any
 from normexport.errors import FormatError, NormexportError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # scalers, manifests and symbols are small; refuse absurd ones
+MAX_JSON_DEPTH = 64  # our documents nest 4 deep; deeper ones are hostile (RecursionError)
+MAX_INT_DIGITS = 30  # integers in our documents are counts and sizes
 PICKLE_MAGIC = b"\x80"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -34,9 +39,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     For writers that insist on a file name (``mx.nd.save``, ``onnx.save``). If the block
     raises, the temporary file is removed and ``path`` is untouched.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise NormexportError(f"{target}: is a directory; give a file name")
+    given = Path(path)
+    if given.is_dir():
+        raise NormexportError(f"{given}: is a directory; give a file name")
+    if given.exists() and not given.is_file():  # a device or a FIFO: a stream, not a file
+        yield given
+        return
+    target = Path(os.path.realpath(given)) if given.is_symlink() else given
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
@@ -104,14 +113,55 @@ def read_json(path: str | os.PathLike[str], format_tag: str | None = None) -> An
     if raw.startswith(PICKLE_MAGIC):
         raise FormatError(f"{path}: looks like a Python pickle; normexport reads JSON only")
     try:
-        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    obj = parse_json(text, str(path))
     if format_tag is not None:
         found = obj.get("format") if isinstance(obj, dict) else None
         if found != format_tag:
             raise FormatError(f"{path}: format tag is {found!r}, expected {format_tag!r}")
     return obj
+
+
+def parse_json(text: str, source: str) -> Any:
+    """Parse JSON text from an untrusted place (a file, ONNX metadata) with bounded cost:
+    nesting depth, integer digits and NaN/Infinity are refused with one line."""
+    depth = _nesting_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{source}: JSON nested {depth} deep (the limit is {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise FormatError(f"{source}: not valid JSON ({exc})") from exc
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting outside strings (JSON's parser recurses once a level)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits (the limit is {MAX_INT_DIGITS})")
+    return int(text)
 
 
 def _reject_constant(name: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import platform
 import shutil
@@ -228,10 +227,5 @@ def model_scalers(path: Path) -> tuple[AffineScaler, AffineScaler, str]:
     meta = read_metadata(load_onnx(path, with_weights=False))
     if "normexport.scalers" not in meta:
         raise NormexportError(f"{path}: has no normexport.scalers metadata; bake it first")
-    try:
-        doc = json.loads(meta["normexport.scalers"])
-    except json.JSONDecodeError as exc:
-        raise NormexportError(
-            f"{path}: metadata normexport.scalers is not valid JSON ({exc})"
-        ) from exc
+    doc = files.parse_json(meta["normexport.scalers"], f"{path}: metadata normexport.scalers")
     return scalers_from_dict(doc, f"{path}: metadata normexport.scalers")

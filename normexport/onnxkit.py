@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from normexport import __version__, files
-from normexport.errors import GraphError, first_line
+from normexport.errors import FormatError, GraphError, first_line
 
 DEFAULT_OPSET = 13
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to an external data file
@@ -270,7 +270,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
     if "normexport.scalers" in meta:
         try:
-            summary["scalers"] = json.loads(meta["normexport.scalers"])
-        except json.JSONDecodeError:
-            summary["metadata"]["normexport.scalers"] = "(not valid JSON)"
+            summary["scalers"] = files.parse_json(meta["normexport.scalers"], str(path))
+        except FormatError as exc:
+            summary["metadata"]["normexport.scalers"] = f"(unreadable: {first_line(exc)})"
     return summary

@@ -1,0 +1,143 @@
+"""Where output goes, and what untrusted JSON may cost: streams, links, depth and digits.
+
+Core tests (no MXNet): the model is `tests/data/mxnet_model`, exported in the MXNet
+profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from normexport import files
+from normexport.cli import main
+from normexport.errors import FormatError
+
+DATA = Path(__file__).parent / "data"
+MODEL = DATA / "mxnet_model"
+ROWS = DATA / "rows.csv"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_into_dev_null_writes_to_it_and_leaves_it_a_device(capsys):
+    code, _, err = run(capsys, "predict", MODEL, ROWS, "--out", "/dev/null")
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_predict_into_a_fifo_streams_into_it(tmp_path, capsys):
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    code, _, err = run(capsys, "predict", MODEL, ROWS, "--out", fifo)
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a FIFO, not replaced by a file
+    lines = received[0].decode().splitlines()
+    assert lines[0] == "load,offset" and len(lines) == 51
+
+
+def test_predict_through_a_symlink_replaces_the_file_it_names(tmp_path, capsys):
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    code, _, err = run(capsys, "predict", MODEL, ROWS, "--out", link)
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text().startswith("load,offset\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real.csv"]
+
+
+def test_atomic_path_leaves_the_target_alone_on_error(tmp_path):
+    target = tmp_path / "t.bin"
+    target.write_bytes(b"keep")
+    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"keep"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.bin"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "JSON nested 100000 deep"),
+        ('{"n": ' + "9" * 5000 + "}", "an integer of 5000 digits"),
+        ('{"x": NaN}', "NaN is not allowed"),
+        ('{"s": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', None),
+    ],
+    ids=["deep", "digits", "nan", "brackets-in-a-string"],
+)
+def test_json_from_files_has_bounded_cost(text, message):
+    if message is None:
+        assert files.parse_json(text, "doc")["s"].startswith("[[[")
+        return
+    with pytest.raises(FormatError, match=message):
+        files.parse_json(text, "doc")
+
+
+@pytest.mark.parametrize("verb", ["verify", "inspect", "predict"])
+def test_deeply_nested_scalers_json_is_one_line_exit_2(tmp_path, capsys, verb):
+    model = tmp_path / "m"
+    shutil.copytree(MODEL, model)
+    (model / "scalers.json").write_text('{"format": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    argv = {"verify": [model], "inspect": [model], "predict": [model, ROWS]}[verb]
+    code, _, err = run(capsys, verb, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "nested 50001 deep" in err and "scalers.json" in err
+
+
+def test_deeply_nested_metadata_in_an_onnx_file(tmp_path, capsys):
+    import onnx
+
+    model = onnx.load(str(MODEL / "model.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == "normexport.scalers":
+            prop.value = "[" * 50_000 + "]" * 50_000
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    code, _, err = run(capsys, "predict", path, ROWS)
+    assert code == 2 and err.count("\n") == 1 and "nested 50000 deep" in err, err
+    code, out, err = run(capsys, "inspect", path, "--json")
+    assert code == 0, err
+    assert "nested 50000 deep" in json.loads(out)["onnx"]["metadata"]["normexport.scalers"]
+
+
+@pytest.mark.parametrize("delay", [0.06, 0.1, 0.15, 0.2, 0.3, 0.4])
+def test_ctrl_c_at_any_moment_is_one_line_never_a_traceback(tmp_path, delay):
+    """From the moment the interpreter has started (its own first ~40 ms are CPython's:
+    a Ctrl-C there ends it by the signal or with CPython's traceback, before any of our
+    code runs) to the end, Ctrl-C gives exit 130 and one line, and leaves no file."""
+    argv = [str(Path(sys.executable).parent / "normexport"), "predict", str(MODEL), str(ROWS)]
+    child = subprocess.Popen(
+        [*argv, "--out", str(tmp_path / "p.csv")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert "Traceback" not in err
+    assert child.returncode in (0, 130), err
+    if child.returncode == 130:
+        assert err.strip() == "normexport: interrupted"
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written output left behind
