@@ -269,7 +269,15 @@ def run() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # now KeyboardInterrupt, below
+    interrupted: list[int] = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        # A KeyboardInterrupt raised inside a C extension's import comes out as an
+        # ImportError ("initialization failed"): remembering the signal tells them apart.
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
     debug = "--debug" in argv
     warnings.formatwarning = _one_line_warning
     try:
@@ -285,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("normexport: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if interrupted:
+            print("normexport: interrupted", file=sys.stderr)
+            return 130
         code, message = _classify(exc)
         if debug:
             traceback.print_exc()

@@ -117,7 +117,8 @@ class PartitionPredictor:
             dtype = series.dtype
             if not is_numeric_dtype(dtype) or is_bool_dtype(dtype) or is_complex_dtype(dtype):
                 raise DataError(f"{prefix}column {name!r} has type {dtype}, not a real number")
-            X[:, j] = _finite(series.to_numpy(np.float64, na_value=np.nan), name, prefix)
+            values = _finite(series.to_numpy(np.float64, na_value=np.nan), name, prefix)
+            X[:, j] = fits(values, self.dtype, name, prefix)
         return X
 
     def _arrow_inputs(self, table: Any, prefix: str) -> np.ndarray:
@@ -133,8 +134,15 @@ class PartitionPredictor:
                 row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
                 raise DataError(f"{prefix}column {name!r}, row {row}: missing value")
             values = column.cast(pa.float64(), safe=False).to_numpy()
-            X[:, j] = _finite(values, name, prefix)
+            X[:, j] = fits(_finite(values, name, prefix), self.dtype, name, prefix)
         return X
+
+    def model_inputs(self, X: np.ndarray, where: str, first_row: int = 0) -> np.ndarray:
+        """Finite float64 input rows (as the table layer gives them) in the model's dtype;
+        a value the dtype cannot hold is an error naming ``where``, its row and column."""
+        for j, name in enumerate(self.inputs):
+            fits(X[:, j], self.dtype, name, f"{where}: ", first_row)
+        return X.astype(self.dtype, copy=False)
 
 
 def partition_predictor(
@@ -245,6 +253,20 @@ def _family(table: Any) -> str:
     raise DataError(
         f"expected a pandas DataFrame or a pyarrow Table/RecordBatch, got {type(table).__name__}"
     )
+
+
+def fits(values: np.ndarray, dtype: str, name: str, prefix: str, first_row: int = 0) -> np.ndarray:
+    """``values`` if the model's dtype holds every one; else one line naming the first that
+    overflows it (float32 turns 1e300 into inf, and the model's output into NaN)."""
+    limit = np.finfo(dtype).max
+    big = np.abs(values) > limit
+    if big.any():
+        row = int(np.flatnonzero(big)[0])
+        raise DataError(
+            f"{prefix}row {first_row + row}, column {name!r}: {values[row]:g} is beyond "
+            f"the range of the model's {dtype}"
+        )
+    return values
 
 
 def _finite(values: np.ndarray, name: str, prefix: str) -> np.ndarray:

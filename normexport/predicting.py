@@ -58,7 +58,8 @@ def predict(
     rows = 0
     with tables.TableWriter(out) as writer, _progress(progress) as bar:
         for batch in batches:
-            Y = predictor.run(batch.arrays[0].astype(predictor.dtype, copy=False))
+            X = predictor.model_inputs(batch.arrays[0], str(data), batch.first_row)
+            Y = predictor.run(X)
             outputs = [pa.array(np.ascontiguousarray(Y[:, j])) for j in range(Y.shape[1])]
             writer.write(names, [*batch.kept.columns, *outputs])
             rows += batch.rows

@@ -160,7 +160,8 @@ def predict_file(
         writer = None
         try:
             for batch in batches:
-                Y = predictor.run(batch.arrays[0].astype(predictor.dtype))
+                X = predictor.model_inputs(batch.arrays[0], part.source, batch.first_row)
+                Y = predictor.run(X)
                 targets = [pa.array(np.ascontiguousarray(Y[:, j])) for j in range(Y.shape[1])]
                 table = pa.table([*batch.kept.columns, *targets], names=names)
                 if writer is None:  # the record, less the row count that the footer holds
