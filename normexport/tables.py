@@ -506,7 +506,17 @@ class TableWriter:
             if table.schema.names != schema.names:
                 raise ValueError(f"columns changed from {schema.names} to {list(columns)}")
             table = table.cast(schema)
-        self._writer.write_table(table)
+        with self._naming_errors():
+            self._writer.write_table(table)
+
+    @contextlib.contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        """A failed write (disk full, file too large) names the file the user gave."""
+        try:
+            yield
+        except OSError as exc:
+            where = self.path if self.path is not None else "standard output"
+            raise DataError(f"{where}: cannot write ({first_line(exc)})") from exc
 
     def _open(self, schema: pa.Schema) -> pacsv.CSVWriter | pq.ParquetWriter:
         if self.format == "parquet":
@@ -528,7 +538,8 @@ class TableWriter:
             if kind is None:
                 if self._writer is None and self.format == "parquet":
                     self._writer = pq.ParquetWriter(self._sink, pa.schema([]))  # valid, empty
-                self._close()
+                with self._naming_errors():
+                    self._close()
             else:
                 with contextlib.suppress(Exception):
                     self._close()

@@ -170,3 +170,25 @@ def test_a_value_beyond_float32_is_refused_not_turned_into_inf(tmp_path, capsys)
         f"normexport: error: {rows}: row 1, column 'strain': 1e+300 is beyond the range "
         "of the model's float32"
     )
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path):
+    """RLIMIT_FSIZE makes writes fail as a full disk does (EFBIG instead of ENOSPC)."""
+    import resource
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("temp_k,strain,frac\n" + "300,0.005,0.5\n" * 5000)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    out = tmp_path / "p.csv"
+    argv = [str(Path(sys.executable).parent / "normexport"), "predict", str(MODEL), str(rows)]
+    done = subprocess.run(
+        [*argv, "--out", str(out)], preexec_fn=small_files, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"normexport: error: {out}: cannot write (")
+    assert done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]
