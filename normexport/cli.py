@@ -395,11 +395,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from normexport.predicting import load_input_rows
     from normexport.verification import report_json, verify
 
-    X = load_input_rows(args.dir, args.data) if args.data else None
-    report = verify(args.dir, X, rows=args.rows, rtol=args.rtol)
+    report = verify(args.dir, data=args.data, rows=args.rows, rtol=args.rtol)
     if args.json:
         print(report_json(report))
     else:

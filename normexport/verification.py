@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,13 +202,7 @@ def compare(
                 continue
             parts = []
             for chunk in _chunks(rows, chunk_rows):
-                out = np.asarray(run(chunk), dtype=np.float64)
-                if out.shape != (chunk.shape[0], len(outputs)):
-                    raise NormexportError(
-                        f"{name} returned shape {out.shape}, "
-                        f"expected {(chunk.shape[0], len(outputs))}"
-                    )
-                parts.append(out)
+                parts.append(_run_checked(name, run, chunk, len(outputs)))
                 bar.update(chunk.shape[0])
             results[name] = np.concatenate(parts)
             del run, parts
@@ -223,26 +217,102 @@ def _pair_results(
     rtol: float,
     chunk_rows: int,
 ) -> list[PairResult]:
-    pairs = []
-    for a, b in itertools.combinations(results, 2):
-        n = min(len(results[a]), len(results[b]))
-        worst = np.zeros(len(outputs))
-        for start in range(0, n, chunk_rows):
-            stop = min(n, start + chunk_rows)
-            diff = _disagreement(results[a][start:stop], results[b][start:stop])
-            worst = np.maximum(worst, diff.max(axis=0, initial=0.0))
-        rel = worst / span
-        pairs.append(
-            PairResult(
-                a=a,
-                b=b,
-                rows=n,
-                max_abs=dict(zip(outputs, worst.tolist(), strict=True)),
-                max_rel=dict(zip(outputs, rel.tolist(), strict=True)),
-                ok=bool(np.all(rel <= rtol)),
+    tally = _Tally(list(results), len(outputs))
+    n = max((len(r) for r in results.values()), default=0)
+    for start in range(0, n, chunk_rows):
+        tally.add({k: v[start : start + chunk_rows] for k, v in results.items()})
+    return tally.pairs(outputs, span, rtol)
+
+
+class _Tally:
+    """Running per-pair, per-output maxima of disagreement: rows are folded in as they
+    come, so nothing grows with the row count. A pair is compared on the rows both saw
+    (runtimes that see only a sample stop early)."""
+
+    def __init__(self, names: list[str], n_outputs: int) -> None:
+        self.pairs_ = list(itertools.combinations(names, 2))
+        self.worst = {pair: np.zeros(n_outputs) for pair in self.pairs_}
+        self.rows = dict.fromkeys(self.pairs_, 0)
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        for a, b in self.pairs_:
+            if a in outputs and b in outputs:
+                n = min(len(outputs[a]), len(outputs[b]))
+                diff = _disagreement(outputs[a][:n], outputs[b][:n])
+                self.worst[(a, b)] = np.maximum(self.worst[(a, b)], diff.max(axis=0, initial=0.0))
+                self.rows[(a, b)] += n
+
+    def pairs(self, outputs: list[str], span: np.ndarray, rtol: float) -> list[PairResult]:
+        results = []
+        for pair in self.pairs_:
+            rel = self.worst[pair] / span
+            results.append(
+                PairResult(
+                    a=pair[0],
+                    b=pair[1],
+                    rows=self.rows[pair],
+                    max_abs=dict(zip(outputs, self.worst[pair].tolist(), strict=True)),
+                    max_rel=dict(zip(outputs, rel.tolist(), strict=True)),
+                    ok=bool(np.all(rel <= rtol)),
+                )
             )
+        return results
+
+
+def compare_stream(
+    runtimes: dict[str, Callable[[], Runtime]],
+    chunks: Iterable[np.ndarray],
+    *,
+    outputs: list[str],
+    span: np.ndarray,
+    dtype: str,
+    rtol: float,
+    sample_only: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset(),
+) -> tuple[list[PairResult], dict[str, str], int]:
+    """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
+
+    Every runtime is loaded at once and each chunk runs through all of them before the
+    next is read, so memory is bounded by a chunk (and the models), never by the rows.
+    Returns the pairs, the skipped runtimes and the number of rows.
+    """
+    from tqdm.auto import tqdm
+
+    loaded: dict[str, Runtime] = {}
+    skipped: dict[str, str] = {}
+    for name, make in runtimes.items():
+        try:
+            loaded[name] = make()
+        except (ImportError, NotImplementedError) as exc:
+            if name not in optional:
+                raise
+            skipped[name] = first_line(exc)
+    tally = _Tally(list(loaded), len(outputs))
+    seen = 0
+    with tqdm(
+        desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    ) as bar:  # fmt: skip
+        for chunk in chunks:
+            chunk = chunk.astype(dtype, copy=False)
+            results = {}
+            for name, run in loaded.items():
+                rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in sample_only else chunk
+                if len(rows):
+                    results[name] = _run_checked(name, run, rows, len(outputs))
+            tally.add(results)
+            seen += len(chunk)
+            bar.update(len(chunk))
+    return tally.pairs(outputs, span, rtol), skipped, seen
+
+
+def _run_checked(name: str, run: Runtime, rows: np.ndarray, n_outputs: int) -> np.ndarray:
+    out = np.asarray(run(rows), dtype=np.float64)
+    if out.shape != (rows.shape[0], n_outputs):
+        raise NormexportError(
+            f"{name} returned shape {out.shape}, expected {(rows.shape[0], n_outputs)}"
         )
-    return pairs
+    return out
 
 
 def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -275,15 +345,19 @@ def verify_directory(
     directory: str | os.PathLike[str],
     X: np.ndarray | None = None,
     *,
+    data: str | os.PathLike[str] | None = None,
     rows: int | None = None,
     rtol: float | None = None,
     seed: int = 0,
     chunk_rows: int = CHUNK_ROWS,
 ) -> VerificationReport:
-    """Verify a model directory on ``X`` (raw input rows) plus edge rows.
+    """Verify a model directory on ``X`` (raw input rows) or the table ``data``, plus edge rows.
 
-    ``rows=N`` samples N of the given rows. Without ``X``, random rows over the training
-    range are used. ``rtol`` overrides the per-dtype tolerance on range-relative error.
+    ``data`` (CSV, Parquet or a dataset; the input columns by name) is streamed: each
+    batch runs through every runtime and is folded into running maxima, so memory does
+    not grow with the rows. ``rows=N`` samples N rows (of ``data`` in one streaming pass,
+    reservoir sampling). Without ``X`` or ``data``, random rows over the training range
+    are used. ``rtol`` overrides the per-dtype tolerance on range-relative error.
     """
     directory = Path(directory)
     onnx_path = directory / ONNX_FILE
@@ -297,21 +371,31 @@ def verify_directory(
     in_scaler, out_scaler, dtype = scalers_from_dict(
         files.read_json(directory / SCALERS_FILE), str(directory / SCALERS_FILE)
     )
-    if X is None:
-        data = random_rows(in_scaler, RANDOM_ROWS, seed)
+    if rows is not None and rows < 1:
+        raise DataError(f"rows must be >= 1, got {rows}")
+    chunk_rows = min(chunk_rows, _rows_per_chunk(directory, dtype))
+    table: Iterable[np.ndarray] | None = None
+    if data is not None:
+        from normexport import tables
+
+        batches = tables.iter_batches(data, [in_scaler.columns_], batch_rows=chunk_rows)
+        table = (batch.arrays[0] for batch in batches)
+        if rows is not None:
+            X, table = reservoir_sample(table, rows, seed), None
+    if table is not None:
+        source: np.ndarray | Iterable[np.ndarray] = table
+    elif X is None:
+        source = random_rows(in_scaler, RANDOM_ROWS, seed)
     else:
-        data = np.asarray(X, dtype=np.float64)
-        if data.ndim != 2 or data.shape[1] != in_scaler.n_features_in_:
+        source = np.asarray(X, dtype=np.float64)
+        if source.ndim != 2 or source.shape[1] != in_scaler.n_features_in_:
             raise DataError(
                 f"verification rows must have {in_scaler.n_features_in_} columns "
-                f"({', '.join(in_scaler.columns_)}), got shape {data.shape}"
+                f"({', '.join(in_scaler.columns_)}), got shape {source.shape}"
             )
-    if rows is not None:
-        if rows < 1:
-            raise DataError(f"rows must be >= 1, got {rows}")
-        if rows < data.shape[0]:
-            pick = np.random.default_rng(seed).choice(data.shape[0], rows, replace=False)
-            data = data[np.sort(pick)]
+        if rows is not None and data is None and rows < source.shape[0]:
+            pick = np.random.default_rng(seed).choice(source.shape[0], rows, replace=False)
+            source = source[np.sort(pick)]
     return check_rows(
         {
             "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
@@ -319,20 +403,47 @@ def verify_directory(
             "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),
             "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
         },
-        data,
+        source,
         in_scaler,
         out_scaler,
         dtype=dtype,
         rtol=rtol,
         sample_only=frozenset({"onnx.reference"}),
         optional=frozenset({"mxnet", "numpy", "onnx.reference"}),
-        chunk_rows=min(chunk_rows, _rows_per_chunk(directory, dtype)),
+        chunk_rows=chunk_rows,
     )
+
+
+def reservoir_sample(chunks: Iterable[np.ndarray], n: int, seed: int = 0) -> np.ndarray:
+    """``n`` rows drawn uniformly from a stream of row chunks in one pass (reservoir
+    sampling), returned in the stream's order; memory holds ``n`` rows and one chunk."""
+    rng = np.random.default_rng(seed)
+    sample: np.ndarray | None = None
+    order = np.empty(0, dtype=np.int64)  # each kept row's position in the stream
+    seen = 0
+    for chunk in chunks:
+        if sample is None:
+            sample = np.empty((n, chunk.shape[1]), dtype=chunk.dtype)
+            order = np.full(n, -1, dtype=np.int64)
+        fill = max(0, min(n - seen, len(chunk)))
+        sample[seen : seen + fill] = chunk[:fill]
+        order[seen : seen + fill] = np.arange(seen, seen + fill)
+        rest = np.arange(seen + fill, seen + len(chunk))  # stream positions past the fill
+        if len(rest):
+            slots = rng.integers(0, rest + 1)  # row i replaces slot j < n with chance n/(i+1)
+            for i, j in zip(rest[slots < n], slots[slots < n], strict=True):
+                sample[j] = chunk[i - seen]
+                order[j] = i
+        seen += len(chunk)
+    if sample is None:
+        raise DataError("no rows to sample")
+    kept = order >= 0
+    return sample[kept][np.argsort(order[kept], kind="stable")]
 
 
 def check_rows(
     runtimes: dict[str, Callable[[], Runtime]],
-    data: np.ndarray,
+    data: np.ndarray | Iterable[np.ndarray],
     in_scaler: AffineScaler,
     out_scaler: AffineScaler,
     *,
@@ -345,31 +456,36 @@ def check_rows(
 ) -> VerificationReport:
     """Edge rows of ``in_scaler`` plus ``data`` through every runtime; the report.
 
-    ``dtype`` picks the default tolerance; rows are fed as ``input_dtype`` (default
-    ``dtype``). Passing needs every pair within tolerance and at least two runtimes.
+    ``data`` is an array, or an iterable of row chunks that is streamed (see
+    :func:`compare_stream`). ``dtype`` picks the default tolerance; rows are fed as
+    ``input_dtype`` (default ``dtype``). Passing needs every pair within tolerance and at
+    least two runtimes.
     """
     edges = edge_rows(in_scaler)
-    all_rows = np.concatenate([edges, data])  # edges first: sampled runtimes see them
     tolerance = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
     span = out_scaler.span()
-    pairs, skipped = compare(
-        runtimes,
-        all_rows,
-        outputs=list(out_scaler.columns_),
-        span=span,
-        dtype=input_dtype or dtype,
-        rtol=tolerance,
-        sample_only=sample_only,
-        optional=optional,
-        chunk_rows=chunk_rows,
-    )
+    common = {
+        "outputs": list(out_scaler.columns_),
+        "span": span,
+        "dtype": input_dtype or dtype,
+        "rtol": tolerance,
+        "sample_only": sample_only,
+        "optional": optional,
+    }
+    if isinstance(data, np.ndarray):
+        all_rows = np.concatenate([edges, data])  # edges first: sampled runtimes see them
+        pairs, skipped = compare(runtimes, all_rows, chunk_rows=chunk_rows, **common)  # type: ignore[arg-type]
+        n_rows = int(all_rows.shape[0])
+    else:
+        stream = itertools.chain([edges], data)
+        pairs, skipped, n_rows = compare_stream(runtimes, stream, **common)  # type: ignore[arg-type]
     loaded = [n for n in runtimes if n not in skipped]
     return VerificationReport(
         ok=all(p.ok for p in pairs) and len(loaded) >= 2,
         dtype=dtype,
         rtol=tolerance,
-        rows=int(all_rows.shape[0]),
-        data_rows=int(data.shape[0]),
+        rows=n_rows,
+        data_rows=n_rows - int(edges.shape[0]),
         edge_rows=int(edges.shape[0]),
         outputs=list(out_scaler.columns_),
         output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
@@ -394,11 +510,14 @@ def verify(
     model_dir: str | os.PathLike[str],
     X: Any = None,
     *,
+    data: str | os.PathLike[str] | None = None,
     rows: int | None = None,
     rtol: float | None = None,
 ) -> VerificationReport:
-    """Verify a model directory: ``nx.verify(dir, X)``; ``report.ok``, ``report.to_dict()``."""
-    return verify_directory(model_dir, None if X is None else np.asarray(X), rows=rows, rtol=rtol)
+    """Verify a model directory: ``nx.verify(dir, X)`` or ``nx.verify(dir, data="t.csv")``
+    (streamed); ``report.ok``, ``report.to_dict()``."""
+    X = None if X is None else np.asarray(X)
+    return verify_directory(model_dir, X, data=data, rows=rows, rtol=rtol)
 
 
 def report_json(report: VerificationReport) -> str:
