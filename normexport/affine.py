@@ -235,3 +235,130 @@ def _plus(C: np.ndarray | None, row: np.ndarray) -> np.ndarray | None:
     if C is None:
         return row.copy() if row.any() else None
     return C + row
+
+
+def fold_scaler(offset: Any, scale: Any, affine_in: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the input affine into a scaler ``y = (data - offset) * scale`` (``ai.onnx.ml``
+    ``Scaler``), in float64: ``((x*s + t) - offset) * scale = (x - (offset - t)/s) * (s*scale)``.
+
+    Returns the new ``(offset, scale)``, one entry per column.
+    """
+    s, t = as_float64(affine_in)
+    offset = np.broadcast_to(np.asarray(offset, dtype=np.float64).reshape(-1), s.shape)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), s.shape)
+    return (offset - t) / s, s * scale
+
+
+def fold_leaves(
+    weights: Any,
+    targets: Any,
+    affine_out: Affine,
+    *,
+    base: Any = None,
+    shift_leaves: Any = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fold the output affine into a tree ensemble, in float64: a tree's prediction for
+    target ``j`` is a sum (or mean, min, max) of leaf weights plus ``base[j]``, so each
+    weight takes the scale of its target, and ``base' = base*s + t``.
+
+    An ensemble without base values takes the shift in its leaves instead:
+    ``shift_leaves`` (one multiplier per leaf) adds ``multiplier * t`` of the leaf's target.
+    Returns the new weights and base (None without ``base``).
+    """
+    s, t = as_float64(affine_out)
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    new = np.asarray(weights, dtype=np.float64).reshape(-1) * s[targets]
+    if shift_leaves is not None:
+        new = new + np.asarray(shift_leaves, dtype=np.float64).reshape(-1) * t[targets]
+    new_base = None if base is None else np.asarray(base, dtype=np.float64).reshape(-1) * s + t
+    return new, new_base
+
+
+# ------------------------------------------------------------------------------ tree splits
+
+SPLIT_FLIP = {"LEQ": "GTE", "LT": "GT", "GTE": "LEQ", "GT": "LT"}
+
+
+def apply(x: Any, scale: Any, shift: Any, dtype: str) -> np.ndarray:
+    """``x * scale + shift`` computed in ``dtype`` exactly as the spliced affine and the
+    scalers compute it (multiply, round, add, round): the normalization a fold must match."""
+    x = np.asarray(x, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x * np.asarray(scale).astype(dtype) + np.asarray(shift).astype(dtype)
+
+
+def fold_splits(
+    thresholds: Any, modes: Any, scale: Any, shift: Any, dtype: str
+) -> tuple[np.ndarray, list[str]]:
+    """Move decision thresholds from normalized to raw space, exactly.
+
+    A split compares the normalized value with a threshold: ``apply(x) <= θ`` (mode
+    ``LEQ``; also ``LT``, ``GTE``, ``GT``). Each argument is one entry per split
+    (``scale``/``shift`` of the split's column). The result is, per split, a raw-space
+    threshold and a mode that select exactly the same ``x`` of ``dtype``, including
+    ``±inf``; NaN compares false either way, so missing values take the same branch.
+    ``(θ - t)/s`` rounded is not enough: ``x -> apply(x)`` is monotonic but rounds, so
+    the boundary float is found by bisection over the representable values. A negative
+    scale reverses the order and flips the mode (``LEQ``↔``GTE``, ``LT``↔``GT``).
+
+    Returns float64 thresholds (each exactly a ``dtype`` value) and the modes.
+    """
+    theta = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+    shift = np.asarray(shift, dtype=np.float64).reshape(-1)
+    modes = list(modes)
+    if not theta.size:
+        return theta.copy(), []
+    unknown = sorted({m for m in modes if m not in SPLIT_FLIP})
+    if unknown:
+        raise NormexportError(f"split modes {', '.join(unknown)} cannot move to raw space")
+    below = np.array([m in ("LEQ", "GT") for m in modes])  # the set {apply(x) <= θ} decides
+    up = scale > 0
+    # A monotone predicate, true then false along the floats; its last true float (plus
+    # one step where the boundary is the first float of the complementary set).
+    step = np.where(up, ~below, below).astype(np.uint64)
+    keys = _FloatKeys(dtype)
+    lo = np.full(theta.shape, keys.lowest - 1, dtype=np.uint64)  # virtually true
+    hi = np.full(theta.shape, keys.highest + 1, dtype=np.uint64)  # virtually false
+    open_ = ~np.isnan(theta)
+    while True:
+        active = open_ & (hi - lo > 1)
+        if not active.any():
+            break
+        mid = lo + (hi - lo) // np.uint64(2)
+        x = keys.floats(np.where(active, mid, keys.highest))
+        n = apply(x, scale, shift, dtype).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            pred = np.where(
+                up,
+                np.where(below, n <= theta, n < theta),
+                np.where(below, n > theta, n >= theta),
+            )
+        lo = np.where(active & pred, mid, lo)
+        hi = np.where(active & ~pred, mid, hi)
+    raw = keys.floats(np.where(open_, lo + step, keys.highest)).astype(np.float64)
+    raw[~open_] = np.nan
+    new_modes = [m if u else SPLIT_FLIP[m] for m, u in zip(modes, up.tolist(), strict=True)]
+    return raw, new_modes
+
+
+class _FloatKeys:
+    """The floats of a dtype as unsigned integers in the same order (NaN excluded)."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = np.dtype(dtype)
+        bits = self.dtype.itemsize * 8
+        self.uint = np.dtype(f"uint{bits}")
+        self.sign = np.uint64(1 << (bits - 1))
+        self.mask = np.uint64((1 << bits) - 1)
+        self.lowest = int(self.keys(np.array([-np.inf]))[0])
+        self.highest = int(self.keys(np.array([np.inf]))[0])
+
+    def keys(self, x: np.ndarray) -> np.ndarray:
+        bits = np.asarray(x, dtype=self.dtype).view(self.uint).astype(np.uint64)
+        return np.where(bits & self.sign, ~bits & self.mask, bits | self.sign)
+
+    def floats(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, dtype=np.uint64)
+        bits = np.where(keys & self.sign, keys & ~self.sign, ~keys & self.mask)
+        return bits.astype(self.uint).view(self.dtype)

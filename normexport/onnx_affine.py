@@ -54,8 +54,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,12 +65,16 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from normexport.affine import (
     PREFIX,
     SPLICED,
+    SPLIT_FLIP,
     Affine,
     FoldPlan,
     as_float64,
     check_affine,
     constant_name,
     fold_dense,
+    fold_leaves,
+    fold_scaler,
+    fold_splits,
 )
 from normexport.errors import GraphError, NormexportError, first_line
 from normexport.onnxkit import copy_model, opset_of
@@ -90,6 +94,7 @@ ACTIVATIONS = frozenset(
     }
 )
 _EDGE_OPS = ("Identity", "Cast", "Reshape", "Flatten")
+_OUTPUT_EDGE_OPS = (*_EDGE_OPS, "Squeeze", "Unsqueeze")
 
 
 # ------------------------------------------------------------------------------ interface
@@ -318,30 +323,34 @@ def typed_output(model: onnx.ModelProto, output: onnx.ValueInfoProto) -> onnx.Va
 
 # ------------------------------------------------------------------------------ fold
 
+ML = "ai.onnx.ml"
+_ML_INPUT_OPS = frozenset(
+    {"LinearRegressor", "Scaler", "SVMRegressor", "TreeEnsembleRegressor", "TreeEnsemble"}
+)
+_ML_OUTPUT_OPS = _ML_INPUT_OPS - {"Scaler"}
+_SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, never its values
+_TREE_MODES = {"BRANCH_LEQ": "LEQ", "BRANCH_LT": "LT", "BRANCH_GTE": "GTE", "BRANCH_GT": "GT"}
+_TREE5_MODES = {0: "LEQ", 1: "LT", 2: "GTE", 3: "GT", 4: "EQ", 5: "NEQ", 6: "MEMBER"}
+_TREE5_AGGREGATES = {0: "AVERAGE", 1: "SUM", 2: "MIN", 3: "MAX"}
+BATCH_DIM = "batch"  # stands for the batch size in a shape computed by the graph
+
 
 @dataclass
 class _Layer:
-    """A dense layer matched at one edge of the graph."""
+    """A layer matched at one edge of the graph that can absorb that side's affine."""
 
     node: onnx.NodeProto
-    kind: str  # "gemm" or "matmul"
-    data_slot: int  # which operand is the data: 0 (A) or 1 (B, Gemm with transB=1)
-    weight: str
-    bias: str | None  # Gemm's C, or the constant operand of the Add after a MatMul
+    kind: str  # "gemm", "matmul", or the ai.onnx.ml op type
+    data_slot: int = 0  # which operand is the data: 0 (A) or 1 (B, Gemm with transB=1)
+    weight: str | None = None
+    bias: str | None = None  # Gemm's C, or the constant operand of the Add after a MatMul
     add: onnx.NodeProto | None = None
+    elem: int = TensorProto.FLOAT  # element type of the data it reads (splits compare in it)
+    out_elem: int = TensorProto.FLOAT  # element type it writes
 
     @property
     def label(self) -> str:
         return _label(self.node)
-
-
-@dataclass
-class _Folded:
-    """A layer's weights in float64, in the canonical orientation ``data @ W + C``."""
-
-    W: np.ndarray  # (K, N)
-    C: np.ndarray | None  # 2-D, broadcastable to (batch, N)
-    updates: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_fold(
@@ -361,18 +370,23 @@ def fold(
     out_affine: Affine,
     *,
     load: TensorLoader = numpy_helper.to_array,
+    changes: list[str] | None = None,
 ) -> tuple[onnx.ModelProto, FoldPlan]:
-    """Fold each affine into the first/last dense layer; splice the sides that cannot.
+    """Fold each affine into the first/last layer; splice the sides that cannot.
 
-    Folding works in float64 and casts once to each weight's dtype. A folded ``Gemm``
-    ends with ``alpha = beta = 1`` (both are absorbed into its constants); a ``Gemm``
-    without ``C`` gets one (``normexport_..._bias``) when the shift needs it. ``load``
-    reads a weight tensor (pass one that knows the model's directory for external data).
+    Folding works in float64 and casts once to each constant's dtype, and adds no op.
+    A folded ``Gemm`` ends with ``alpha = beta = 1`` (both are absorbed into its
+    constants); a ``Gemm`` without ``C`` gets one (``normexport_..._bias``) when the
+    shift needs it, and a ``MatMul`` without a bias ``Add`` becomes such a ``Gemm``.
+    ``ai.onnx.ml`` layers absorb the affine into their attributes (coefficients, leaf
+    weights, split thresholds). ``load`` reads a weight tensor (pass one that knows the
+    model's directory for external data). Anything changed besides constants (an op
+    type, an ``ai.onnx.ml`` opset) is described in ``changes`` when a list is given.
     """
     model = copy_model(model)
     index = _Index(model, load)
     plan, first, last = _plan(index, in_affine, out_affine)
-    # One entry per layer: the first and the last dense layer may be the same node.
+    # One entry per layer: the first and the last layer may be the same node.
     layers: dict[int, tuple[_Layer, Affine | None, Affine | None]] = {}
     if first is not None:
         layers[id(first.node)] = (first, as_float64(in_affine), None)
@@ -380,8 +394,12 @@ def fold(
         prev = layers.get(id(last.node))
         layers[id(last.node)] = (last, prev[1] if prev else None, as_float64(out_affine))
     names = _Names(model)
+    notes = [] if changes is None else changes
     for layer, affine_in, affine_out in layers.values():
-        _fold_layer(model, index, names, layer, affine_in, affine_out)
+        if layer.kind in ("gemm", "matmul"):
+            _fold_layer(model, index, names, layer, affine_in, affine_out, notes)
+        else:
+            _fold_ml(model, layer, affine_in, affine_out, notes)
     if plan.input == "spliced":
         model = splice_input(model, *in_affine)
     if plan.output == "spliced":
@@ -393,18 +411,9 @@ def _plan(
     index: _Index, in_affine: Affine, out_affine: Affine
 ) -> tuple[FoldPlan, _Layer | None, _Layer | None]:
     io = interface(index.model)
-    in_scale, in_shift = as_float64(in_affine)
-    out_scale, out_shift = as_float64(out_affine)
-    first = _match_input(index, io, in_scale.size, not in_shift.any())
-    last = _match_output(index, io, out_scale.size, not out_shift.any())
-    plan = FoldPlan(
-        input="folded" if isinstance(first, _Layer) else "spliced",
-        output="folded" if isinstance(last, _Layer) else "spliced",
-        input_reason=first if isinstance(first, str) else "",
-        output_reason=last if isinstance(last, str) else "",
-        input_node=first.label if isinstance(first, _Layer) else "",
-        output_node=last.label if isinstance(last, _Layer) else "",
-    )
+    first = _match_input(index, io, as_float64(in_affine))
+    last = _match_output(index, io, as_float64(out_affine))
+    plan = FoldPlan.of(first, last, lambda layer: layer.label)
     return (
         plan,
         first if isinstance(first, _Layer) else None,
@@ -415,8 +424,9 @@ def _plan(
 # ---------------------------------------------------------------- matching the input side
 
 
-def _match_input(index: _Index, io: Interface, n_in: int, shift_zero: bool) -> _Layer | str:
-    """The first dense layer the input reaches through no-op ops, or why there is none."""
+def _match_input(index: _Index, io: Interface, affine: Affine) -> _Layer | str:
+    """The first layer the input reaches through no-op ops, or why there is none."""
+    n_in = affine[0].size
     name = io.input_name
     dtype = io.input.type.tensor_type.elem_type
     what = f"the input {name!r}"
@@ -426,10 +436,12 @@ def _match_input(index: _Index, io: Interface, n_in: int, shift_zero: bool) -> _
             return f"{what} {sole}"
         node = sole
         op = node.op_type
+        if node.domain == ML and op in _ML_INPUT_OPS:
+            return _match_ml_input(index, node, name, n_in, dtype)
         if node.domain not in ("", "ai.onnx"):
             return f"{what} goes to {_label(node)} (domain {node.domain}), not a dense layer"
         if op in _EDGE_OPS:
-            problem = _edge_problem(index, node, n_in)
+            problem = _edge_problem(index, node, n_in, chain={io.input_name})
             if op == "Cast" and not problem and _attr(node, "to", 0) != dtype:
                 problem = _cast_problem(node, dtype)
             if problem:
@@ -439,7 +451,7 @@ def _match_input(index: _Index, io: Interface, n_in: int, shift_zero: bool) -> _
         if op == "Gemm":
             return _match_gemm_input(index, node, name, n_in)
         if op == "MatMul":
-            return _match_matmul_input(index, node, name, n_in, shift_zero)
+            return _match_matmul_input(index, node, name, n_in)
         return f"{what} goes to {_label(node)}, not a dense layer (Gemm, or MatMul + Add)"
 
 
@@ -466,16 +478,12 @@ def _match_gemm_input(index: _Index, node: onnx.NodeProto, data: str, n_in: int)
     problem = _bias_problem(index, bias, label, row=slot == 0)
     if problem:
         return problem
-    return _Layer(node, "gemm", slot, weight, bias)
+    return _Layer(node, "gemm", slot, weight, bias, out_elem=index.elem(weight))
 
 
-def _match_matmul_input(
-    index: _Index,
-    node: onnx.NodeProto,
-    data: str,
-    n_in: int,
-    shift_zero: bool,
-) -> _Layer | str:
+def _match_matmul_input(index: _Index, node: onnx.NodeProto, data: str, n_in: int) -> _Layer | str:
+    """``MatMul(data, W)``, with its bias ``Add`` if one follows; without one, a shift
+    makes it a ``Gemm`` with a bias (the data is 2-D here)."""
     label = _label(node)
     if node.input[0] != data or node.input[1] == data:
         return f"{label} has the input as its second operand (contracted over the batch axis)"
@@ -487,10 +495,8 @@ def _match_matmul_input(
         return f"{label}: its weight has {index.const_shape(weight)[0]} rows, the input {n_in}"
     add, bias = _bias_add(index, node)
     if isinstance(add, str):
-        if shift_zero:
-            return _Layer(node, "matmul", 0, weight, None)
-        return f"{label} {add}, so the shift has nowhere to go"
-    return _Layer(node, "matmul", 0, weight, bias, add)
+        return _Layer(node, "matmul", 0, weight, None, out_elem=index.elem(weight))
+    return _Layer(node, "matmul", 0, weight, bias, add, out_elem=index.elem(weight))
 
 
 def _bias_add(index: _Index, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto | str, str | None]:
@@ -513,11 +519,60 @@ def _bias_add(index: _Index, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto | s
     return sole, bias
 
 
+def _match_ml_input(
+    index: _Index, node: onnx.NodeProto, data: str, n_in: int, elem: int
+) -> _Layer | str:
+    """An ``ai.onnx.ml`` layer that reads the input: its attributes absorb the affine."""
+    label = _label(node)
+    op = node.op_type
+    if list(node.input) != [data]:
+        return f"{label} reads other tensors besides the input"
+    layer = _Layer(node, op, elem=elem)
+    if op == "LinearRegressor":
+        targets = _attr(node, "targets", 1)
+        coefficients = _attr(node, "coefficients", [])
+        if len(coefficients) != targets * n_in:
+            return f"{label} has {len(coefficients)} coefficients, not {targets} × {n_in}"
+        return layer
+    if op == "Scaler":
+        for key in ("offset", "scale"):
+            if len(_attr(node, key, [0.0])) not in (1, n_in):
+                return f"{label} has {len(_attr(node, key, []))} {key}s for {n_in} columns"
+        return layer
+    if op == "SVMRegressor":
+        kernel = _text(_attr(node, "kernel_type", "LINEAR"))
+        supports = _attr(node, "n_supports", 0)
+        if supports > 0 and kernel != "LINEAR":
+            return (
+                f"{label} has a non-linear kernel ({kernel}), which a per-column affine "
+                "cannot enter"
+            )
+        vectors = _attr(node, "support_vectors" if supports else "coefficients", [])
+        if len(vectors) != max(supports, 1) * n_in:
+            return f"{label} has {len(vectors)} support vector values for {n_in} columns"
+        return layer
+    # TreeEnsembleRegressor / TreeEnsemble: the splits move to raw space.
+    branches = _tree_branches(node)
+    if branches is None:
+        return f"{label} has no readable split thresholds"
+    _, features, _, modes = branches
+    bad = sorted({m for m in modes if m not in SPLIT_FLIP})
+    if bad:
+        return (
+            f"{label} has {', '.join(bad)} splits, which a per-column affine cannot move "
+            "exactly (only <=, <, >=, > splits can)"
+        )
+    if features.size and (features.min() < 0 or features.max() >= n_in):
+        return f"{label} splits on feature {int(features.max())}, the input has {n_in} columns"
+    return layer
+
+
 # ---------------------------------------------------------------- matching the output side
 
 
-def _match_output(index: _Index, io: Interface, n_out: int, shift_zero: bool) -> _Layer | str:
-    """The last dense layer, reached backwards from the output through no-op ops."""
+def _match_output(index: _Index, io: Interface, affine: Affine) -> _Layer | str:
+    """The last layer, reached backwards from the output through no-op ops."""
+    n_out = affine[0].size
     name = io.output_name
     casts: list[onnx.NodeProto] = []
     while True:
@@ -526,35 +581,38 @@ def _match_output(index: _Index, io: Interface, n_out: int, shift_zero: bool) ->
             return f"the output {name!r} is not computed by a node"
         op = node.op_type
         label = _label(node)
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain == ML and op in _ML_OUTPUT_OPS:
+            layer = _match_ml_output(index, node, affine)
+        elif node.domain not in ("", "ai.onnx"):
             return f"the output comes from {label} (domain {node.domain}), not a dense layer"
-        if op in _EDGE_OPS:
+        elif op in _OUTPUT_EDGE_OPS:
             source = node.input[0]
             sole = index.sole_consumer(source)
             if isinstance(sole, str):
                 return f"the input of {label} {sole}"
-            problem = _edge_problem(index, node, n_out, output_side=True)
+            problem = _edge_problem(
+                index, node, n_out, output_side=True, chain={io.input_name, source}
+            )
             if problem:
                 return problem
             if op == "Cast":
                 casts.append(node)
             name = source
             continue
-        if op == "Gemm":
+        elif op == "Gemm":
             layer = _match_gemm_output(index, node, n_out)
         elif op == "Add":
             layer = _match_add_output(index, node, n_out)
         elif op == "MatMul":
-            layer = _match_matmul_output(index, node, n_out, shift_zero)
+            layer = _match_matmul_output(index, node, n_out)
         elif op in ACTIVATIONS:
             return f"an activation ({label}) follows the last dense layer"
         else:
             return f"the output comes from {label}, not a dense layer (Gemm, or MatMul + Add)"
         if isinstance(layer, _Layer):
-            dtype = index.const(layer.weight).data_type  # type: ignore[union-attr]
             for cast in casts:
-                if _attr(cast, "to", 0) != dtype:
-                    return _cast_problem(cast, dtype)
+                if _attr(cast, "to", 0) != layer.out_elem:
+                    return _cast_problem(cast, layer.out_elem)
         return layer
 
 
@@ -576,7 +634,7 @@ def _match_gemm_output(index: _Index, node: onnx.NodeProto, n_out: int) -> _Laye
     problem = _bias_problem(index, bias, label, row=True)
     if problem:
         return problem
-    return _Layer(node, "gemm", 0, weight, bias)
+    return _Layer(node, "gemm", 0, weight, bias, out_elem=index.elem(weight))
 
 
 def _match_add_output(index: _Index, add: onnx.NodeProto, n_out: int) -> _Layer | str:
@@ -592,18 +650,25 @@ def _match_add_output(index: _Index, add: onnx.NodeProto, n_out: int) -> _Layer 
     found, bias = _bias_add(index, matmul)
     if isinstance(found, str):
         return f"{_label(matmul)} {found}"
-    return _Layer(matmul, "matmul", 0, matmul.input[1], bias, found)
+    weight = matmul.input[1]
+    return _Layer(matmul, "matmul", 0, weight, bias, found, out_elem=index.elem(weight))
 
 
-def _match_matmul_output(
-    index: _Index, node: onnx.NodeProto, n_out: int, shift_zero: bool
-) -> _Layer | str:
+def _match_matmul_output(index: _Index, node: onnx.NodeProto, n_out: int) -> _Layer | str:
+    """A ``MatMul`` without a bias: it becomes a ``Gemm`` if the shift needs a bias, which
+    takes 2-D data."""
     problem = _matmul_problem(index, node, n_out)
     if problem:
         return problem
-    if not shift_zero:
-        return f"{_label(node)} has no Add of a constant after it, so the shift has nowhere to go"
-    return _Layer(node, "matmul", 0, node.input[1], None)
+    rank = index.rank(node.input[0])
+    if rank != 2:
+        shown = "of unknown rank" if rank is None else f"{rank}-D"
+        return (
+            f"{_label(node)} has no Add of a constant after it and its data is {shown}, "
+            "so it cannot become a Gemm with a bias"
+        )
+    weight = node.input[1]
+    return _Layer(node, "matmul", 0, weight, None, out_elem=index.elem(weight))
 
 
 def _matmul_problem(index: _Index, node: onnx.NodeProto, n_out: int) -> str:
@@ -618,6 +683,44 @@ def _matmul_problem(index: _Index, node: onnx.NodeProto, n_out: int) -> str:
     return ""
 
 
+def _match_ml_output(index: _Index, node: onnx.NodeProto, affine: Affine) -> _Layer | str:
+    """An ``ai.onnx.ml`` regressor that writes the output: its coefficients, intercepts,
+    leaf weights or base values absorb the affine."""
+    scale, shift = affine
+    n_out = scale.size
+    label = _label(node)
+    op = node.op_type
+    post = _text(_attr(node, "post_transform", "NONE"))
+    if post not in ("NONE", "0"):
+        return f"{label} applies post_transform {post}, which is not linear"
+    layer = _Layer(node, op, out_elem=TensorProto.FLOAT)
+    if op == "LinearRegressor":
+        width = _attr(node, "targets", 1)
+    elif op == "SVMRegressor":
+        if _attr(node, "one_class", 0):
+            return f"{label} is a one-class SVM (its output is ±1, not a regression)"
+        width = 1
+    else:
+        width = _attr(node, "n_targets", 1)
+        aggregate = _tree_aggregate(node)
+        if aggregate in ("MIN", "MAX") and (scale > 0).any() and (scale < 0).any():
+            return (
+                f"{label} aggregates with {aggregate} over all targets, and the scales have "
+                "both signs (a negative scale turns MIN into MAX)"
+            )
+        if op == "TreeEnsemble" and aggregate in ("SUM", "AVERAGE"):
+            owned = _tree5_owned_trees(node)
+            missing = [j for j in range(n_out) if shift[j] and j not in owned]
+            if missing:
+                return (
+                    f"{label} has no base values and no tree whose every leaf feeds target "
+                    f"{missing[0]} alone, so that target's shift has nowhere to go"
+                )
+    if width != n_out:
+        return f"{label} has {width} targets, the model's output has {n_out} columns"
+    return layer
+
+
 # ---------------------------------------------------------------- edge ops
 
 
@@ -627,31 +730,134 @@ def _edge_problem(
     width: int,
     *,
     output_side: bool = False,
+    chain: Collection[str] = (),
 ) -> str:
-    """Why ``node`` (Identity/Cast/Reshape/Flatten) is not a no-op on ``[batch, width]``."""
+    """Why ``node`` is not a no-op on ``[batch, width]`` ('' if it is).
+
+    Identity, a Cast (its type is checked by the caller), ``Flatten(axis=1)`` of 2-D data,
+    ``Reshape(-1, n)``/``Reshape(0, n)`` and the computed ``view(batch, -1)``; on the output
+    side of a single column, any ``Squeeze``/``Unsqueeze``/``Flatten`` and ``Reshape(-1)``
+    too (a scalar affine commutes with every change of layout).
+    """
     label = _label(node)
     op = node.op_type
+    if op in ("Squeeze", "Unsqueeze"):
+        if width != 1:
+            return f"{label} changes the layout of {width} columns; only one passes through it"
+        return ""
     if op == "Flatten":
         rank = index.rank(node.input[0]) if output_side else 2  # the input side is 2-D
-        if _attr(node, "axis", 1) != 1 or rank != 2:
+        if (_attr(node, "axis", 1) != 1 or rank != 2) and not (output_side and width == 1):
             return f"{label} is not Flatten(axis=1) of 2-D data, so it is not a no-op"
     if op == "Reshape":
         shape_name = node.input[1] if len(node.input) > 1 else ""
         tensor = index.const(shape_name)
+        target: list[int | str]
         if tensor is None:
-            return f"{label} has a computed shape; only Reshape(-1, n) can be folded through"
-        try:
-            target = [int(v) for v in np.asarray(index.load(tensor)).reshape(-1)]
-        except Exception as exc:  # a damaged shape tensor
-            return f"{label}: cannot read its shape ({first_line(exc)})"
-        allowed = [[-1, width]]
+            found = _batch_shape(index, shape_name)
+            if found is None:
+                return (
+                    f"{label} has a computed shape; only Reshape(-1, n) and view(batch, -1) "
+                    "can be folded through"
+                )
+            target, sources = found
+            if not sources <= {node.input[0], *chain}:
+                return f"{label} takes its batch size from another tensor"
+        else:
+            try:
+                target = [int(v) for v in np.asarray(index.load(tensor)).reshape(-1)]
+            except Exception as exc:  # a damaged shape tensor
+                return f"{label}: cannot read its shape ({first_line(exc)})"
+        allowed: list[list[int | str]] = [[-1, width], [BATCH_DIM, -1], [BATCH_DIM, width]]
         if not _attr(node, "allowzero", 0):
             allowed.append([0, width])
         if output_side and width == 1:
-            allowed.append([-1])
+            allowed += [[-1], [BATCH_DIM]]
         if target not in allowed:
-            return f"{label} reshapes to {target}; only Reshape(-1, {width}) can be folded through"
+            shown = "[" + ", ".join(str(t) for t in target) + "]"
+            return f"{label} reshapes to {shown}; only Reshape(-1, {width}) can be folded through"
     return ""
+
+
+def _batch_shape(index: _Index, name: str) -> tuple[list[int | str], set[str]] | None:
+    """A shape the graph computes as ``Concat(batch of v, constants...)`` (TorchScript's
+    ``x.view(x.size(0), -1)``): the target with :data:`BATCH_DIM` for the batch entry, and
+    the tensors ``v`` whose batch it takes; None for any other computation."""
+    node = index.producer.get(name)
+    if node is None or node.op_type != "Concat" or _attr(node, "axis", 0) != 0:
+        return None
+    target: list[int | str] = []
+    sources: set[str] = set()
+    for part in node.input:
+        const = index.const(part)
+        if const is not None:
+            try:
+                target += [int(v) for v in np.asarray(index.load(const)).reshape(-1)]
+            except Exception:  # a damaged constant: not a shape we understand
+                return None
+            continue
+        source = _batch_of(index, part)
+        if source is None:
+            return None
+        target.append(BATCH_DIM)
+        sources.add(source)
+    return target, sources
+
+
+def _batch_of(index: _Index, name: str) -> str | None:
+    """``v`` if ``name`` is the 1-element tensor ``[v.shape[0]]``, else None.
+
+    Recognized: ``Unsqueeze(Gather(Shape(v), 0), [0])``, ``Gather(Shape(v), [0])``,
+    ``Slice(Shape(v), [0], [1])`` and ``Shape(v, start=0, end=1)``.
+    """
+    node = index.producer.get(name)
+    if node is None:
+        return None
+    scalar = False
+    if node.op_type == "Unsqueeze":
+        if _ints(index, node, "axes", 1) != [0]:
+            return None
+        node, scalar = index.producer.get(node.input[0]), True
+        if node is None:
+            return None
+    if node.op_type == "Gather":
+        indices = index.const(node.input[1]) if len(node.input) > 1 else None
+        if indices is None or _attr(node, "axis", 0) != 0:
+            return None
+        values = np.asarray(index.load(indices))
+        if values.reshape(-1).tolist() != [0] or (values.ndim == 0) != scalar:
+            return None
+        shape = index.producer.get(node.input[0])
+        if shape is None or shape.op_type != "Shape" or _attr(shape, "start", 0) != 0:
+            return None
+        return shape.input[0]
+    if scalar:
+        return None
+    if node.op_type == "Slice":
+        starts, ends = _ints(index, node, "starts", 1), _ints(index, node, "ends", 2)
+        axes = _ints(index, node, "axes", 3)
+        steps = _ints(index, node, "steps", 4)
+        if starts != [0] or ends != [1] or axes not in (None, [0]) or steps not in (None, [1]):
+            return None
+        shape = index.producer.get(node.input[0])
+        if shape is None or shape.op_type != "Shape" or _attr(shape, "start", 0) != 0:
+            return None
+        return shape.input[0]
+    if node.op_type == "Shape" and _attr(node, "start", 0) == 0 and _attr(node, "end", None) == 1:
+        return node.input[0]
+    return None
+
+
+def _ints(index: _Index, node: onnx.NodeProto, attr: str, slot: int) -> list[int] | None:
+    """An int list given as attribute ``attr`` (old opsets) or as constant input ``slot``."""
+    value = _attr(node, attr, None)
+    if value is not None:
+        return [int(v) for v in value]
+    if len(node.input) > slot and node.input[slot]:
+        const = index.const(node.input[slot])
+        if const is not None:
+            return [int(v) for v in np.asarray(index.load(const)).reshape(-1)]
+    return None
 
 
 def _cast_problem(node: onnx.NodeProto, dtype: int) -> str:
@@ -697,9 +903,11 @@ def _fold_layer(
     layer: _Layer,
     affine_in: Affine | None,
     affine_out: Affine | None,
+    notes: list[str],
 ) -> None:
-    """Fold the affines into ``layer`` in place (``model`` is fold()'s own copy)."""
+    """Fold the affines into a dense ``layer`` in place (``model`` is fold()'s own copy)."""
     node = layer.node
+    assert layer.weight is not None  # matched as a dense layer
     w_tensor = index.const(layer.weight)
     assert w_tensor is not None  # matched as a constant
     W = np.asarray(index.load(w_tensor), dtype=np.float64)
@@ -727,8 +935,8 @@ def _fold_layer(
         else:
             stored_w = Wc if _attr(node, "transA", 0) else Wc.T
             stored_c = None if Cc is None else Cc.T
-        _set_attr_default(node, "alpha")
-        _set_attr_default(node, "beta")
+        _drop_attr(node, "alpha")
+        _drop_attr(node, "beta")
     else:
         stored_w, stored_c = Wc, Cc
     dtype = helper.tensor_dtype_to_np_dtype(w_tensor.data_type)
@@ -740,7 +948,10 @@ def _fold_layer(
         bias_dtype = helper.tensor_dtype_to_np_dtype(b_tensor.data_type)
         index.replace_const(model, layer.bias, stored_c.astype(bias_dtype))
         return
-    # A Gemm without C: give it one.
+    # A Gemm without C, or a MatMul without a bias Add: a Gemm with a new C.
+    if layer.kind == "matmul":
+        notes.append(f"{_label(node)} is now a Gemm, whose bias C carries the folded shift")
+        node.op_type = "Gemm"
     name = names.fresh(f"{PREFIX}{node.name or 'gemm'}_bias")
     _add_initializers(model, [numpy_helper.from_array(stored_c.astype(dtype), name)])
     while len(node.input) < 2:
@@ -765,6 +976,267 @@ def _restore_shape(array: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarr
     if len(shape) < array.ndim and array.shape[0] == 1:
         return array.reshape(array.shape[1:])
     return array
+
+
+# ---------------------------------------------------------------- ai.onnx.ml layers
+
+
+def _fold_ml(
+    model: onnx.ModelProto,
+    layer: _Layer,
+    affine_in: Affine | None,
+    affine_out: Affine | None,
+    notes: list[str],
+) -> None:
+    """Fold the affines into the attributes of an ``ai.onnx.ml`` layer, in float64, cast
+    once to each attribute's type."""
+    node = layer.node
+    op = node.op_type
+    if op == "LinearRegressor":
+        targets = _attr(node, "targets", 1)
+        coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
+        W = coefficients.reshape(targets, -1).T  # y = x @ W + C
+        C = np.asarray(_attr(node, "intercepts", [0.0] * targets), dtype=np.float64)
+        W, folded_c = fold_dense(W, C.reshape(1, -1), affine_in, affine_out)
+        _set_attr(node, "coefficients", W.T.reshape(-1))
+        _set_attr(node, "intercepts", np.zeros(targets) if folded_c is None else folded_c)
+    elif op == "Scaler":
+        assert affine_in is not None  # a Scaler is matched on the input side only
+        offset, scale = fold_scaler(
+            _attr(node, "offset", [0.0]), _attr(node, "scale", [1.0]), affine_in
+        )
+        _set_attr(node, "offset", offset)
+        _set_attr(node, "scale", scale)
+    elif op == "SVMRegressor":
+        _fold_svm(node, affine_in, affine_out)
+    else:
+        if affine_in is not None:
+            _fold_tree_splits(model, layer, affine_in, notes)
+        if affine_out is not None:
+            _fold_tree_leaves(node, affine_out)
+
+
+def _fold_svm(node: onnx.NodeProto, affine_in: Affine | None, affine_out: Affine | None) -> None:
+    """``y = K(x) @ coef + rho``. A linear kernel ``K_i(x) = x · sv_i`` is a dense layer
+    without a bias: the input side folds into the support vectors, and the constant
+    ``t · sv_i`` it leaves flows through the coefficients into ``rho``. Without support
+    vectors the model is ``y = x · coef + rho``, one dense layer."""
+    supports = _attr(node, "n_supports", 0)
+    coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64).reshape(-1, 1)
+    rho = np.asarray(_attr(node, "rho", [0.0]), dtype=np.float64).reshape(1, 1)
+    through: Affine | None = None
+    if supports == 0:
+        through = affine_in
+    elif affine_in is not None:
+        vectors = np.asarray(_attr(node, "support_vectors", []), dtype=np.float64)
+        sv_w, sv_c = fold_dense(vectors.reshape(supports, -1).T, None, affine_in)
+        _set_attr(node, "support_vectors", sv_w.T.reshape(-1))
+        if sv_c is not None:  # the kernel's constant term, as an input shift of the coefficients
+            through = (np.ones(supports), sv_c.reshape(-1))
+    W, C = fold_dense(coefficients, rho, through, affine_out)
+    _set_attr(node, "coefficients", W.reshape(-1))
+    _set_attr(node, "rho", np.zeros(1) if C is None else C.reshape(-1))
+
+
+def _fold_tree_splits(
+    model: onnx.ModelProto, layer: _Layer, affine: Affine, notes: list[str]
+) -> None:
+    """Thresholds to raw space (exact boundary floats), modes flipped where a scale is
+    negative; missing-value tracking is untouched (NaN compares false either way)."""
+    node = layer.node
+    branches = _tree_branches(node)
+    assert branches is not None  # checked when matched
+    where, features, thresholds, modes = branches
+    dtype = FLOAT_TYPES[layer.elem]
+    scale, shift = affine
+    raw, new_modes = fold_splits(thresholds, modes, scale[features], shift[features], dtype)
+    if node.op_type == "TreeEnsemble":
+        splits = _attr(node, "nodes_splits", None)
+        values = numpy_helper.to_array(splits).astype(np.float64)
+        values[where] = raw
+        _set_attr(node, "nodes_splits", numpy_helper.from_array(values.astype(dtype)))
+        codes = numpy_helper.to_array(_attr(node, "nodes_modes", None)).copy()
+        reverse = {v: k for k, v in _TREE5_MODES.items()}
+        codes[where] = [reverse[m] for m in new_modes]
+        _set_attr(node, "nodes_modes", numpy_helper.from_array(codes.astype(np.uint8)))
+        return
+    as_tensor = _attr(node, "nodes_values_as_tensor", None)
+    if as_tensor is not None:
+        values = numpy_helper.to_array(as_tensor).astype(np.float64)
+    else:
+        values = np.asarray(_attr(node, "nodes_values", []), dtype=np.float64)
+    values[where] = raw
+    if as_tensor is None and dtype == "float32":  # float32 data: float32 boundaries
+        _set_attr(node, "nodes_values", values)
+    elif as_tensor is not None and (
+        as_tensor.data_type == TensorProto.DOUBLE or dtype == "float32"
+    ):
+        kind = helper.tensor_dtype_to_np_dtype(as_tensor.data_type)
+        _set_attr(node, "nodes_values_as_tensor", numpy_helper.from_array(values.astype(kind)))
+    else:  # float64 data: its boundary floats need double thresholds (ai.onnx.ml 3)
+        _drop_attr(node, "nodes_values")
+        _set_attr(node, "nodes_values_as_tensor", numpy_helper.from_array(values))
+        _require_ml_opset(model, 3, f"for the double thresholds of {_label(node)}", notes)
+    modes_all = [_text(m) for m in _attr(node, "nodes_modes", [])]
+    for k, mode in zip(where.tolist(), new_modes, strict=True):
+        modes_all[k] = "BRANCH_" + mode
+    _set_attr(node, "nodes_modes", modes_all)
+
+
+def _fold_tree_leaves(node: onnx.NodeProto, affine: Affine) -> None:
+    """Leaf weights times the scale of their target; the shift into the base values (or,
+    for ``TreeEnsemble``, which has none, into leaves). A negative scale swaps MIN/MAX."""
+    scale = affine[0]
+    aggregate = _tree_aggregate(node)
+    if node.op_type == "TreeEnsemble":
+        weights_t = _attr(node, "leaf_weights", None)
+        weights = numpy_helper.to_array(weights_t).astype(np.float64)
+        targets = np.asarray(_attr(node, "leaf_targetids", []), dtype=np.int64)
+        shifted = np.zeros(weights.shape)
+        if aggregate in ("MIN", "MAX"):
+            shifted[:] = 1.0  # every leaf takes the shift: min(w + t) = min(w) + t
+        else:
+            trees = len(_attr(node, "tree_roots", []))
+            owned = _tree5_owned_trees(node)
+            for leaves in owned.values():
+                shifted[sorted(leaves)] = trees if aggregate == "AVERAGE" else 1.0
+        new, _ = fold_leaves(weights, targets, affine, shift_leaves=shifted)
+        dtype = helper.tensor_dtype_to_np_dtype(weights_t.data_type)
+        _set_attr(node, "leaf_weights", numpy_helper.from_array(new.astype(dtype)))
+        if aggregate in ("MIN", "MAX") and (scale < 0).all():
+            _set_attr(node, "aggregate_function", 3 if aggregate == "MIN" else 2)
+        return
+    n_targets = _attr(node, "n_targets", 1)
+    targets = np.asarray(_attr(node, "target_ids", []), dtype=np.int64)
+    weights_t = _attr(node, "target_weights_as_tensor", None)
+    weights = (
+        numpy_helper.to_array(weights_t).astype(np.float64)
+        if weights_t is not None
+        else np.asarray(_attr(node, "target_weights", []), dtype=np.float64)
+    )
+    base_t = _attr(node, "base_values_as_tensor", None)
+    base = (
+        numpy_helper.to_array(base_t).astype(np.float64)
+        if base_t is not None
+        else np.asarray(_attr(node, "base_values", [0.0] * n_targets), dtype=np.float64)
+    )
+    new, new_base = fold_leaves(weights, targets, affine, base=base)
+    if weights_t is not None:
+        dtype = helper.tensor_dtype_to_np_dtype(weights_t.data_type)
+        _set_attr(node, "target_weights_as_tensor", numpy_helper.from_array(new.astype(dtype)))
+    else:
+        _set_attr(node, "target_weights", new)
+    assert new_base is not None
+    if base_t is not None:
+        dtype = helper.tensor_dtype_to_np_dtype(base_t.data_type)
+        _set_attr(node, "base_values_as_tensor", numpy_helper.from_array(new_base.astype(dtype)))
+    else:
+        _set_attr(node, "base_values", new_base)
+    if aggregate in ("MIN", "MAX") and (scale < 0).all():
+        _set_attr(node, "aggregate_function", "MAX" if aggregate == "MIN" else "MIN")
+
+
+def _tree_aggregate(node: onnx.NodeProto) -> str:
+    if node.op_type == "TreeEnsemble":
+        return _TREE5_AGGREGATES.get(_attr(node, "aggregate_function", 1), "?")
+    return _text(_attr(node, "aggregate_function", "SUM"))
+
+
+def _tree_branches(
+    node: onnx.NodeProto,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
+    """The split nodes of a tree ensemble: positions, features, thresholds, modes
+    (``LEQ``, ``LT``, ``GTE``, ``GT``, or the op's own name for any other)."""
+    features = np.asarray(_attr(node, "nodes_featureids", []), dtype=np.int64)
+    if node.op_type == "TreeEnsemble":
+        splits, codes = _attr(node, "nodes_splits", None), _attr(node, "nodes_modes", None)
+        if splits is None or codes is None:
+            return None
+        values = numpy_helper.to_array(splits).astype(np.float64)
+        modes = [_TREE5_MODES.get(int(c), str(c)) for c in numpy_helper.to_array(codes)]
+        where = np.arange(len(modes))
+    else:
+        as_tensor = _attr(node, "nodes_values_as_tensor", None)
+        values = (
+            numpy_helper.to_array(as_tensor).astype(np.float64)
+            if as_tensor is not None
+            else np.asarray(_attr(node, "nodes_values", []), dtype=np.float64)
+        )
+        names = [_text(m) for m in _attr(node, "nodes_modes", [])]
+        where = np.array([k for k, m in enumerate(names) if m != "LEAF"], dtype=np.int64)
+        modes = [_TREE_MODES.get(names[k], names[k]) for k in where.tolist()]
+    if not (len(values) == len(features) >= len(modes)):
+        return None
+    return where, features[where], values[where], modes
+
+
+def tree_splits(model: onnx.ModelProto) -> list[tuple[int, float]]:
+    """``(feature, threshold)`` of every split of every tree ensemble in the graph (for
+    verification rows placed at the decisions)."""
+    found: list[tuple[int, float]] = []
+    for node in model.graph.node:
+        if node.domain == ML and node.op_type in ("TreeEnsembleRegressor", "TreeEnsemble"):
+            branches = _tree_branches(node)
+            if branches is not None:
+                _, features, thresholds, _ = branches
+                found += zip(features.tolist(), thresholds.tolist(), strict=True)
+    return found
+
+
+def _tree5_owned_trees(node: onnx.NodeProto) -> dict[int, set[int]]:
+    """For ``TreeEnsemble``: per target, the leaves of one tree whose every leaf feeds that
+    target and no other tree shares (adding the shift there adds it once per row)."""
+    roots = list(_attr(node, "tree_roots", []))
+    true_ids = list(_attr(node, "nodes_truenodeids", []))
+    false_ids = list(_attr(node, "nodes_falsenodeids", []))
+    true_leaf = list(_attr(node, "nodes_trueleafs", []))
+    false_leaf = list(_attr(node, "nodes_falseleafs", []))
+    targets = list(_attr(node, "leaf_targetids", []))
+    per_tree: list[set[int]] = []
+    for root in roots:
+        leaves: set[int] = set()
+        stack, seen = [root], set()
+        while stack:
+            k = stack.pop()
+            if k in seen or not 0 <= k < len(true_ids):
+                continue
+            seen.add(k)
+            for child, is_leaf in ((true_ids[k], true_leaf[k]), (false_ids[k], false_leaf[k])):
+                if is_leaf:
+                    leaves.add(child)
+                else:
+                    stack.append(child)
+        per_tree.append(leaves)
+    counts = Counter(leaf for leaves in per_tree for leaf in leaves)
+    owned: dict[int, set[int]] = {}
+    for leaves in per_tree:
+        kinds = {targets[leaf] for leaf in leaves if 0 <= leaf < len(targets)}
+        if len(kinds) == 1 and all(counts[leaf] == 1 for leaf in leaves):
+            owned.setdefault(kinds.pop(), leaves)
+    return owned
+
+
+def _require_ml_opset(model: onnx.ModelProto, version: int, why: str, notes: list[str]) -> None:
+    for entry in model.opset_import:
+        if entry.domain == ML and entry.version < version:
+            notes.append(f"ai.onnx.ml opset {entry.version} -> {version} {why}")
+            entry.version = version
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    """Set attribute ``name`` (in place of the old one, if any). Arrays become float lists."""
+    if isinstance(value, np.ndarray):
+        value = [float(v) for v in value.reshape(-1)]
+    new = helper.make_attribute(name, value)
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.CopyFrom(new)
+            return
+    node.attribute.append(new)
 
 
 # ------------------------------------------------------------------------------ graph index
@@ -797,6 +1269,12 @@ class _Index:
             self.uses.update(n for n in node.input if n)
             for sub in _subgraphs(node):
                 self.uses.update(_all_uses(sub))
+        # Uses by Shape/Size read only the shape, which an affine leaves alone.
+        self.shape_uses: Counter[str] = Counter(
+            n.input[0]
+            for n in graph.node
+            if n.op_type in _SHAPE_ONLY and n.domain in ("", "ai.onnx") and n.input
+        )
         self.outputs = {o.name for o in graph.output}
         self.uses.update(self.outputs)
         self.graph_inputs = {v.name for v in graph.input}
@@ -806,12 +1284,17 @@ class _Index:
         """The one node that uses ``name`` once, or a phrase saying why there is not one."""
         if name in self.outputs:
             return "is also a graph output"
-        users = self.consumers.get(name, [])
+        users = [
+            u
+            for u in self.consumers.get(name, [])
+            if not (u.op_type in _SHAPE_ONLY and u.domain in ("", "ai.onnx"))
+        ]
+        uses = self.uses[name] - self.shape_uses[name]
         if not users:
             return "is not used by any node"
-        if len(users) > 1 or self.uses[name] > 1:
+        if len(users) > 1 or uses > 1:
             names = ", ".join(_label(u) for u in users[:3])
-            return f"feeds {self.uses[name]} uses ({names}), not one"
+            return f"feeds {uses} uses ({names}), not one"
         return users[0]
 
     def const(self, name: str | None) -> TensorProto | None:
@@ -821,6 +1304,11 @@ class _Index:
             return self.inits[name]
         node = self.const_nodes.get(name)
         return node.attribute[0].t if node is not None else None
+
+    def elem(self, name: str) -> int:
+        """The element type of constant ``name`` (FLOAT if it is not a constant)."""
+        tensor = self.const(name)
+        return tensor.data_type if tensor is not None else TensorProto.FLOAT
 
     def is_constant(self, name: str) -> bool:
         return self.const(name) is not None
@@ -958,8 +1446,8 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _set_attr_default(node: onnx.NodeProto, name: str) -> None:
-    """Drop attribute ``name`` (for Gemm's alpha/beta: the default, 1.0)."""
+def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+    """Drop attribute ``name`` (for Gemm's alpha/beta: back to the default, 1.0)."""
     keep = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
     node.attribute.extend(keep)

@@ -210,11 +210,18 @@ def test_fold_with_zero_shift_needs_no_bias():
     assert (plan.input, plan.output) == ("folded", "folded")
     assert ops(folded) == ops(model) and len(folded.graph.initializer) == 2
     check_equivalent(model, folded, zero_in, zero_out, "float32")
-    # With a shift there is nowhere to put it: both sides are spliced, and say why.
-    spliced, plan = onnx_affine.fold(model, *affines(3, 2))
-    assert "MatMul 'mm1' is followed by Tanh 'act', not an Add" in plan.input_reason
-    assert "MatMul 'mm2' has no Add of a constant" in plan.output_reason
-    assert ops(spliced) == splice_ops(model)
+    # With a shift, each MatMul becomes a Gemm whose new bias C carries it: still no new op.
+    in_affine, out_affine = affines(3, 2)
+    changes = []
+    gemms, plan = onnx_affine.fold(model, in_affine, out_affine, changes=changes)
+    assert (plan.input, plan.output) == ("folded", "folded")
+    assert ops(gemms) == ["Gemm", "Tanh", "Gemm"]
+    assert changes == [
+        "MatMul 'mm1' is now a Gemm, whose bias C carries the folded shift",
+        "MatMul 'mm2' is now a Gemm, whose bias C carries the folded shift",
+    ]
+    onnx.checker.check_model(gemms, full_check=True)
+    check_equivalent(model, gemms, in_affine, out_affine, "float32")
 
 
 def test_fold_into_an_old_style_initializer_input_updates_its_declaration():
