@@ -15,23 +15,25 @@ renamed into place: an error or a failed verification leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from normexport import files, onnx_affine, onnxkit, passes, tables
-from normexport.affine import SPLICED, FoldPlan, check_factors, load_factors
+from normexport.affine import SPLICED, FoldPlan, check_factors, fold_splits, load_factors
 from normexport.errors import (
     DataError,
     FormatError,
@@ -64,6 +66,7 @@ class BakeResult:
     report: VerificationReport | None
     written: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
 
 
 def bake(
@@ -78,6 +81,7 @@ def bake(
     verify: bool = True,
     data: str | os.PathLike[str] | None = None,
     rtol: float | None = None,
+    repair: bool = False,
 ) -> BakeResult:
     """Write ``onnx_out``: ``onnx_in`` with input normalization and output
     de-normalization baked in (raw in, raw out).
@@ -99,7 +103,8 @@ def bake(
         last dense layer where the pattern allows and splices the other side(s), saying
         why in ``result.plan`` and with a warning.
     opset
-        Convert to this opset first (default: keep the model's).
+        Convert to this opset first (default: keep the model's, lifted to the opset the
+        spliced affine needs if it is older, or added if the file imports none).
     rename
         Name the input ``input`` and the output ``output`` (default: keep the model's).
     verify
@@ -112,6 +117,14 @@ def bake(
     rtol
         Tolerance on the error relative to each output's span (default: 1e-5 for float32,
         1e-12 for float64).
+    repair
+        Repair an output ``Reshape(-1, 1)`` that interleaves the outputs of each row into
+        rows of one (skl2onnx's multi-output MLPRegressor) to ``Reshape(-1, n_out)``;
+        without it such a file is refused, naming the node.
+
+    Everything changed besides the affine itself (a declared output shape, a repaired
+    Reshape, an opset, a MatMul turned Gemm) is listed in ``result.changes`` and in the
+    ``normexport.changes`` metadata.
 
     Examples
     --------
@@ -129,10 +142,12 @@ def bake(
         raise NormexportError(f"{dst}: is the input model; write the baked model elsewhere")
     model = load_model(src)
     shape = describe(src, model)
-    in_scaler, out_scaler = _scalers(src, shape, factors, scalers)
+    source = _load_source(factors, scalers)
+    model, shape, changes, regroup = resolve_output(src, model, shape, source.n_out(shape), repair)
+    in_scaler, out_scaler = _scalers(src, shape, source)
     rows = _data_rows(data, in_scaler) if verify and data is not None else None
 
-    baked, plan = _transform(src, model, shape, in_scaler, out_scaler, mode, opset, rename)
+    baked, plan = _transform(src, model, shape, in_scaler, out_scaler, mode, opset, rename, changes)
     external = _uses_external_data(model) or _weight_bytes(model) > onnxkit.EXTERNAL_DATA_THRESHOLD
     notes = plan.messages() if mode == "fold" else []
     for side in ("input", "output"):
@@ -146,15 +161,27 @@ def bake(
     staging = _staging_dir(dst)
     try:
         staged = _save(baked, staging / dst.name, src.parent, external)
-        onnxkit.check(staged[0], label=f"{src}: the baked model")
         report = None
-        if verify:
-            report = verify_bake(src, staged[0], in_scaler, out_scaler, shape, rows=rows, rtol=rtol)
-            if not report.ok:
-                raise VerificationError(
-                    f"{src}: the baked model disagrees with the original beyond tolerance; "
-                    f"nothing written\n{report.table()}"
+        with _naming(src, staging):
+            onnxkit.check(staged[0], label=f"{src}: the baked model")
+            if verify:
+                splits = _split_rows(model, in_scaler, shape.in_dtype)
+                report = verify_bake(
+                    src,
+                    staged[0],
+                    in_scaler,
+                    out_scaler,
+                    shape,
+                    rows=rows,
+                    rtol=rtol,
+                    extra=splits,
+                    regroup=regroup,
                 )
+        if report is not None and not report.ok:
+            raise VerificationError(
+                f"{src}: the baked model disagrees with the original beyond tolerance; "
+                f"nothing written\n{report.table()}"
+            )
         written = []
         for path in reversed(staged):  # the data file first, the model (which names it) last
             target = dst.parent / path.name
@@ -162,7 +189,21 @@ def bake(
             written.append(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return BakeResult(dst, plan.to_dict(), report, written[::-1], notes)
+    return BakeResult(dst, plan.to_dict(), report, written[::-1], notes, changes)
+
+
+@contextlib.contextmanager
+def _naming(src: Path, staging: Path) -> Iterator[None]:
+    """Errors about the staged copy name the user's file, never the temporary path."""
+    try:
+        yield
+    except NormexportError as exc:
+        message = str(exc)
+        for path in sorted({str(p) for p in staging.iterdir()} | {str(staging)}, key=len)[::-1]:
+            message = message.replace(path, f"{src} (baked)")
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc
 
 
 # ------------------------------------------------------------------------------ options
@@ -221,7 +262,10 @@ def load_model(path: Path) -> onnx.ModelProto:
         )
     opset = onnxkit.opset_of(model)
     newest = onnxkit.newest_opset()
-    if opset == 0:
+    if opset == 0 and (
+        not model.opset_import
+        or any(n.domain in ("", "ai.onnx") for g in onnx_affine.graphs(model.graph) for n in g.node)
+    ):
         raise FormatError(f"{path}: imports no ONNX (default domain) opset")
     if opset > newest:
         raise FormatError(
@@ -304,6 +348,8 @@ def describe(path: Path, model: onnx.ModelProto) -> ModelShape:
 def _with_output_width(
     path: Path, model: onnx.ModelProto, io_: onnx_affine.Interface, shape: ModelShape
 ) -> ModelShape:
+    """The declared output width (shape inference filling in what is missing); 0 when it
+    stays open, for :func:`resolve_output` to find out."""
     typed = onnx_affine.typed_output(model, io_.output)
     dims = onnx_affine.tensor_dims(typed)
     if dims is not None and len(dims) not in (1, 2):
@@ -311,28 +357,88 @@ def _with_output_width(
             f"{path}: output {io_.output_name!r} has shape {_show(dims)}; bake needs "
             "[batch, n_out] (or [batch] for one value per row)"
         )
+    n_out = 0
     if dims is not None and len(dims) == 1:
         n_out = 1
-    elif dims is not None and isinstance(dims[1], int):
+    elif dims is not None and isinstance(dims[1], int) and dims[1] > 0:
         n_out = dims[1]
-    else:  # declared and inferred shapes leave the width open: ask onnxruntime
-        n_out = _probe_width(path, shape)
     return dataclasses.replace(shape, n_out=n_out)
 
 
-def _probe_width(path: Path, shape: ModelShape) -> int:
-    rows = shape.batch or 2
+PROBE_ROWS = 3
+
+
+def resolve_output(
+    path: Path,
+    model: onnx.ModelProto,
+    shape: ModelShape,
+    wanted: int | None,
+    repair: bool = False,
+) -> tuple[onnx.ModelProto, ModelShape, list[str], bool]:
+    """The output width is the width the model returns.
+
+    The declared width is trusted unless it is open, disagrees with ``wanted`` (the width
+    the factors or scalers give), or the output comes from a ``Reshape(-1, 1)`` of wider
+    data. Then the model runs once on a few rows: a wrong declaration is repaired in the
+    baked file; a model that returns ``k`` rows of one value per input row (its
+    ``Reshape(-1, 1)`` interleaves the targets) is refused, or with ``repair`` given a
+    ``Reshape(-1, k)``. Returns the model, the shape, what was changed, and whether the
+    original's outputs must be regrouped to ``k`` per row to compare with the baked ones.
+    """
+    declared = shape.n_out
+    suspect = onnx_affine.interleaving_reshape(model)
+    if declared and wanted in (None, declared) and suspect is None:
+        return model, shape, [], False
+    rows = shape.batch or PROBE_ROWS
+    out = _probe(path, shape, rows)
+    name = shape.output_name
+    dims = onnx_affine.tensor_dims(model.graph.output[0])
+    shown = "no declared shape" if dims is None else f"declared shape {_show(dims)}"
+    if out.ndim in (1, 2) and out.shape[0] == rows:
+        n_out = 1 if out.ndim == 1 else int(out.shape[1])
+        changes = []
+        if out.ndim == 2 and (dims is None or len(dims) != 2 or dims[1] != n_out):
+            model = onnx_affine.declare_output(model, n_out)
+            changes.append(
+                f"output {name!r}: {shown} -> [batch, {n_out}], the width it returns "
+                f"({n_out} values per row)"
+            )
+        return model, dataclasses.replace(shape, n_out=n_out), changes, False
+    per_row = out.shape[0] // rows if out.ndim in (1, 2) else 0
+    if per_row > 1 and out.shape[0] == per_row * rows and out.size == out.shape[0]:
+        node = suspect[0] if suspect is not None else onnx_affine.output_reshape(model)
+        where = f"{onnx_affine.node_label(node)}" if node is not None else "the output"
+        cause = (
+            f"{path}: {where} returns {per_row} rows of one value per input row (shape "
+            f"{list(out.shape)} for {rows} rows): it interleaves the {per_row} outputs of "
+            "each row into rows, so the file is wrong as exported (skl2onnx writes this "
+            "for a multi-output MLPRegressor)"
+        )
+        if node is None:
+            raise GraphError(f"{cause}; bake finds no constant Reshape to repair")
+        if not repair:
+            raise GraphError(f"{cause}; bake --repair makes it Reshape(-1, {per_row})")
+        model, label = onnx_affine.regroup_output(model, per_row)
+        change = (
+            f"{label}: Reshape(-1, 1) -> Reshape(-1, {per_row}), so each row's {per_row} "
+            f"outputs stay in its row (the original interleaved them into {per_row} rows)"
+        )
+        return model, dataclasses.replace(shape, n_out=per_row), [change], True
+    raise GraphError(
+        f"{path}: output {name!r} has shape {list(out.shape)} for {rows} input rows; bake "
+        "needs one row of outputs per input row"
+    )
+
+
+def _probe(path: Path, shape: ModelShape, rows: int) -> np.ndarray:
+    """The original's output for ``rows`` rows of zeros (normalized 0: inside any range)."""
     run = onnxruntime_runtime(path)
     try:
-        out = np.asarray(run(np.zeros((rows, shape.n_in), dtype=shape.in_dtype)))
+        return np.asarray(run(np.zeros((rows, shape.n_in), dtype=shape.in_dtype)))
+    except NormexportError:
+        raise
     except Exception as exc:  # onnxruntime's own exception types
         raise FormatError(f"{path}: onnxruntime cannot run the model: {first_line(exc)}") from exc
-    if out.ndim not in (1, 2) or out.shape[0] != rows:
-        raise GraphError(
-            f"{path}: output {shape.output_name!r} has shape {list(out.shape)} for {rows} "
-            "input rows; bake needs one row of outputs per input row"
-        )
-    return 1 if out.ndim == 1 else int(out.shape[1])
 
 
 def _float_type(path: Path, side: str, value: onnx.ValueInfoProto) -> str:
@@ -356,29 +462,48 @@ def _show(dims: list[int | str | None]) -> str:
 # ------------------------------------------------------------------------------ scalers
 
 
-def _scalers(
-    src: Path, shape: ModelShape, factors: Any, scalers: Any
-) -> tuple[AffineScaler, AffineScaler]:
+@dataclass
+class _Source:
+    """The factors or scalers the user gave, read and checked once."""
+
+    label: str
+    factors: np.ndarray | None = None
+    scalers: tuple[AffineScaler, AffineScaler] | None = None
+
+    def n_out(self, shape: ModelShape) -> int | None:
+        """The output width these factors or scalers are for (None if they cannot say)."""
+        if self.scalers is not None:
+            return int(self.scalers[1].n_features_in_)
+        assert self.factors is not None
+        extra = self.factors.shape[0] - shape.n_in
+        return extra if extra > 0 else None
+
+
+def _load_source(factors: Any, scalers: Any) -> _Source:
     if factors is not None:
         if isinstance(factors, (str, os.PathLike)):
-            source = str(factors)
-            array = load_factors(factors)
-        else:
-            source = "factors"
-            array = _factor_array(factors)
-        return factors_to_scalers(array, shape.n_in, shape.n_out, source)
+            return _Source(str(factors), factors=load_factors(factors))
+        return _Source("factors", factors=_factor_array(factors))
     if isinstance(scalers, dict):
         source, doc = "scalers", scalers
     else:
         source, doc = str(scalers), files.read_json(scalers)
     in_scaler, out_scaler, _ = scalers_from_dict(doc, source)
+    return _Source(source, scalers=(in_scaler, out_scaler))
+
+
+def _scalers(src: Path, shape: ModelShape, source: _Source) -> tuple[AffineScaler, AffineScaler]:
+    if source.factors is not None:
+        return factors_to_scalers(source.factors, shape.n_in, shape.n_out, source.label)
+    assert source.scalers is not None
+    in_scaler, out_scaler = source.scalers
     for side, scaler, width, name in (
         ("input", in_scaler, shape.n_in, shape.input_name),
         ("output", out_scaler, shape.n_out, shape.output_name),
     ):
         if scaler.n_features_in_ != width:
             raise DataError(
-                f"{source}: {scaler.n_features_in_} {side} columns "
+                f"{source.label}: {scaler.n_features_in_} {side} columns "
                 f"({', '.join(scaler.columns_)}), but {src}'s {side} {name!r} has {width}"
             )
     return in_scaler, out_scaler
@@ -418,32 +543,37 @@ def _transform(
     mode: str,
     opset: int | None,
     rename: bool,
+    changes: list[str],
 ) -> tuple[onnx.ModelProto, FoldPlan]:
     """Opset first (so the new nodes are written for the final opset), then splice or
     fold, then :func:`normexport.passes.post_process`, the ordered list that export
-    runs too (names, redundant ops, metadata describing the result)."""
+    runs too (names, redundant ops, metadata describing the result). Anything changed
+    besides the affine is appended to ``changes``."""
     try:
         if opset is not None:
-            model = onnxkit.convert_opset(model, opset)
-        if onnxkit.opset_of(model) < MIN_OPSET:
-            raise GraphError(
-                f"opset {onnxkit.opset_of(model)} is older than {MIN_OPSET}; add "
-                f"--opset {onnxkit.DEFAULT_OPSET} to convert it"
-            )
+            model = set_opset(model, opset, changes)
         in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
+        base_dir = str(src.parent)
+
+        def load(tensor: TensorProto) -> np.ndarray:
+            return numpy_helper.to_array(tensor, base_dir=base_dir)
+
+        spliced = mode == "splice"
+        if not spliced:
+            plan = onnx_affine.plan_fold(model, in_affine, out_affine, load=load)
+            spliced = "spliced" in (plan.input, plan.output)
+        if spliced:  # new nodes: they need a default-domain opset that has them
+            model = opset_for_affine(model, changes)
         if mode == "fold":
-            base_dir = str(src.parent)
-
-            def load(tensor: TensorProto) -> np.ndarray:
-                return numpy_helper.to_array(tensor, base_dir=base_dir)
-
-            model, plan = onnx_affine.fold(model, in_affine, out_affine, load=load)
+            model, plan = onnx_affine.fold(model, in_affine, out_affine, load=load, changes=changes)
         else:
             model, plan = onnx_affine.splice(model, in_affine, out_affine), SPLICED
         if rename:
             _check_rename(model, shape)
         doc = scalers_to_dict(in_scaler, out_scaler, shape.in_dtype)
         entries = onnxkit.metadata_entries(mode, doc, plan.to_dict())
+        if changes:
+            entries["normexport.changes"] = json.dumps(changes)
         model = passes.post_process(
             model,
             metadata=entries,
@@ -454,6 +584,88 @@ def _transform(
     except GraphError as exc:
         raise GraphError(f"{src}: {exc}") from exc
     return model, plan
+
+
+# ------------------------------------------------------------------------------ opsets
+
+
+def set_opset(model: onnx.ModelProto, opset: int, changes: list[str]) -> onnx.ModelProto:
+    """``--opset``: the model at the default-domain ``opset``. A file that imports none
+    gets the import; a newer opset is reached by :func:`lift_opset`, an older one through
+    ``onnx.version_converter``."""
+    current = onnxkit.opset_of(model)
+    if current == opset:
+        return model
+    if current == 0:
+        return _add_default_opset(model, opset, "as --opset asks", changes)
+    if opset > current:
+        return lift_opset(model, opset, changes)
+    converted = onnxkit.convert_opset(model, opset)
+    changes.append(f"opset {current} -> {opset} (onnx.version_converter, as --opset asks)")
+    return converted
+
+
+def opset_for_affine(model: onnx.ModelProto, changes: list[str]) -> onnx.ModelProto:
+    """A default-domain opset that has the spliced affine's ops: added to a file that
+    imports only other domains (XGBoost through onnxmltools), lifted from an older one
+    (LightGBM through onnxmltools writes opset 8)."""
+    current = onnxkit.opset_of(model)
+    if current == 0:
+        return _add_default_opset(model, MIN_OPSET, "for the spliced affine", changes)
+    if current < MIN_OPSET:
+        return lift_opset(model, MIN_OPSET, changes, why="for the spliced affine")
+    return model
+
+
+def lift_opset(
+    model: onnx.ModelProto, opset: int, changes: list[str], why: str = "as --opset asks"
+) -> onnx.ModelProto:
+    """The model at a newer default-domain ``opset``, for the ops it uses: when none of
+    them changes between the two opsets the import is only restamped (nothing else
+    changes); otherwise ``onnx.version_converter`` converts the graph."""
+    current = onnxkit.opset_of(model)
+    used = sorted(
+        {
+            node.op_type
+            for graph in onnx_affine.graphs(model.graph)
+            for node in graph.node
+            if node.domain in ("", "ai.onnx")
+        }
+    )
+    changed = [op for op in used if _since(op, current) != _since(op, opset)]
+    if changed:
+        converted = onnxkit.convert_opset(model, opset)
+        changes.append(
+            f"opset {current} -> {opset} {why} (onnx.version_converter: "
+            f"{', '.join(changed)} changed between them)"
+        )
+        return converted
+    model = onnxkit.copy_model(model)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    ops = ", ".join(used) if used else "it has no default-domain ops"
+    changes.append(f"opset {current} -> {opset} {why} (the ops it uses are the same: {ops})")
+    return model
+
+
+def _since(op: str, opset: int) -> int:
+    try:
+        return int(onnx.defs.get_schema(op, opset, "").since_version)
+    except onnx.defs.SchemaError:
+        return -1
+
+
+def _add_default_opset(
+    model: onnx.ModelProto, opset: int, why: str, changes: list[str]
+) -> onnx.ModelProto:
+    model = onnxkit.copy_model(model)
+    domains = ", ".join(sorted({o.domain for o in model.opset_import})) or "none"
+    model.opset_import.append(helper.make_opsetid("", opset))
+    changes.append(
+        f"added the default-domain opset {opset} import {why} (the file imported only {domains})"
+    )
+    return model
 
 
 def _check_rename(model: onnx.ModelProto, shape: ModelShape) -> None:
@@ -559,17 +771,25 @@ def verify_bake(
     rows: np.ndarray | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    extra: np.ndarray | None = None,
+    regroup: bool = False,
 ) -> VerificationReport:
     """The baked file on raw rows against the original file on the NumPy-normalized rows,
     de-normalized with NumPy, both in onnxruntime.
 
-    Rows: edge rows of the input range plus ``rows`` (or random rows over the range).
+    Rows: edge rows of the input range plus ``rows`` (or random rows over the range) plus
+    ``extra`` (rows at the decision thresholds of tree ensembles). With ``regroup`` the
+    original's outputs (``n_out`` rows of one value per input row) are regrouped to
+    ``n_out`` per row, as the repaired Reshape does; the baked file must return exactly
+    ``(rows, n_out)``.
     """
     data = random_rows(in_scaler, RANDOM_ROWS, seed) if rows is None else rows
+    if extra is not None and len(extra):
+        data = np.concatenate([data, extra])
     out_scale, out_shift = out_scaler.inverse_affine()
 
     def original_scaled() -> Runtime:
-        run_original = _per_row(onnxruntime_runtime(original), shape)
+        run_original = _per_row(onnxruntime_runtime(original), shape, original, regroup=regroup)
 
         def run(X: np.ndarray) -> np.ndarray:
             Y = run_original(in_scaler.transform(X))
@@ -580,7 +800,7 @@ def verify_bake(
         return run
 
     runtimes: dict[str, Callable[[], Runtime]] = {
-        "baked": lambda: _per_row(onnxruntime_runtime(baked), shape),
+        "baked": lambda: _per_row(onnxruntime_runtime(baked), shape, baked),
         "original+numpy": original_scaled,
     }
     return check_rows(
@@ -594,18 +814,76 @@ def verify_bake(
     )
 
 
-def _per_row(run: Runtime, shape: ModelShape) -> Runtime:
-    """Outputs as ``(rows, n_out)``; a model with a fixed batch size runs in batches of it."""
+def _per_row(
+    run: Runtime, shape: ModelShape, path: str | os.PathLike[str], *, regroup: bool = False
+) -> Runtime:
+    """Outputs as ``(rows, n_out)``; a model with a fixed batch size runs in batches of it.
+
+    The output must have one row per input row (``[rows]`` for one value per row), or,
+    with ``regroup``, ``n_out`` rows of one value per input row.
+    """
+
+    def one(X: np.ndarray) -> np.ndarray:
+        out = np.asarray(run(X))
+        n = X.shape[0]
+        fits = out.shape in ((n, shape.n_out), (n,) if shape.n_out == 1 else ())
+        if not fits and not (regroup and out.shape in ((n * shape.n_out, 1), (n * shape.n_out,))):
+            raise FormatError(
+                f"{path}: returned shape {list(out.shape)} for {n} rows; expected "
+                f"[{n}, {shape.n_out}]"
+            )
+        return out.reshape(n, shape.n_out)
 
     def call(X: np.ndarray) -> np.ndarray:
         if shape.batch is None:
-            return np.asarray(run(X)).reshape(X.shape[0], -1)
+            return one(X)
         size = shape.batch
         parts = []
         for start in range(0, X.shape[0], size):
             chunk = X[start : start + size]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-            parts.append(np.asarray(run(padded)).reshape(size, -1)[: len(chunk)])
+            parts.append(one(padded)[: len(chunk)])
         return np.concatenate(parts)
 
     return call
+
+
+MAX_SPLIT_ROWS = 30000
+
+
+def _split_rows(
+    model: onnx.ModelProto, in_scaler: AffineScaler, dtype: str, seed: int = 1
+) -> np.ndarray | None:
+    """Rows at the decisions of the original's tree ensembles: for each split, the raw
+    values on either side of its boundary (the boundary float itself and one float beyond
+    it, for ``<=`` and ``<`` alike), each in an otherwise random row of the input range.
+    A fold that moved a threshold by one float is caught here."""
+    splits = onnx_affine.tree_splits(model)
+    n_in = in_scaler.n_features_in_
+    splits = [(f, t) for f, t in splits if 0 <= f < n_in and np.isfinite(t)]
+    if not splits:
+        return None
+    features = np.array([f for f, _ in splits], dtype=np.int64)
+    thresholds = np.array([t for _, t in splits])
+    scale, shift = in_scaler.affine()
+    values = []
+    for mode in ("LEQ", "LT"):
+        raw, _ = fold_splits(
+            thresholds, [mode] * len(splits), scale[features], shift[features], dtype
+        )
+        raw = raw.astype(dtype)
+        with np.errstate(over="ignore"):
+            for toward in (-np.inf, np.inf):
+                values.append(np.nextafter(raw, np.array(toward, dtype)))
+        values.append(raw)
+    column = np.concatenate(values).astype(np.float64)
+    where = np.tile(features, len(values))
+    keep = np.isfinite(column)
+    column, where = column[keep], where[keep]
+    pairs = np.unique(np.column_stack([where, column]), axis=0)
+    rng = np.random.default_rng(seed)
+    if len(pairs) > MAX_SPLIT_ROWS:
+        pairs = pairs[np.sort(rng.choice(len(pairs), MAX_SPLIT_ROWS, replace=False))]
+    rows = random_rows(in_scaler, len(pairs), seed)
+    rows[np.arange(len(pairs)), pairs[:, 0].astype(np.int64)] = pairs[:, 1]
+    return rows

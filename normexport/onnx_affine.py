@@ -321,6 +321,81 @@ def typed_output(model: onnx.ModelProto, output: onnx.ValueInfoProto) -> onnx.Va
     return output
 
 
+# ------------------------------------------------------------------------------ output repairs
+
+
+def declare_output(model: onnx.ModelProto, n_out: int) -> onnx.ModelProto:
+    """Declare the output ``[batch, n_out]`` (the batch dim copied from the input's)."""
+    model = copy_model(model)
+    io = interface(model)
+    batch = io.input.type.tensor_type.shape.dim[0]
+    shape = model.graph.output[0].type.tensor_type.shape
+    del shape.dim[:]
+    shape.dim.add().CopyFrom(batch)
+    shape.dim.add().dim_value = n_out
+    keep = [v for v in model.graph.value_info if v.name != io.output_name]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    return model
+
+
+def output_reshape(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The ``Reshape`` with a constant target that writes the output, directly or
+    through ``Identity``/``Cast``; None if there is none."""
+    index = _Index(model)
+    name = interface(model).output_name
+    while (node := index.producer.get(name)) is not None and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Reshape":
+            return node if len(node.input) > 1 and index.is_constant(node.input[1]) else None
+        if node.op_type not in ("Identity", "Cast"):
+            return None
+        name = node.input[0]
+    return None
+
+
+def interleaving_reshape(model: onnx.ModelProto) -> tuple[onnx.NodeProto, int] | None:
+    """The output's ``Reshape(-1, 1)`` (or ``Reshape(-1)``) of data that shape inference
+    says has ``k > 1`` columns, with ``k``: it turns each row's ``k`` outputs into ``k``
+    rows, interleaving the targets. None if the output has no such Reshape."""
+    node = output_reshape(model)
+    if node is None:
+        return None
+    index = _Index(model)
+    tensor = index.const(node.input[1])
+    assert tensor is not None  # output_reshape checked it
+    target = [int(v) for v in np.asarray(numpy_helper.to_array(tensor)).reshape(-1)]
+    if target not in ([-1, 1], [-1]):
+        return None
+    inferred = _infer(model)
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        if value.name == node.input[0]:
+            dims = tensor_dims(value)
+            if dims is not None and len(dims) == 2 and isinstance(dims[1], int) and dims[1] > 1:
+                return node, dims[1]
+    return None
+
+
+def regroup_output(model: onnx.ModelProto, n_out: int) -> tuple[onnx.ModelProto, str]:
+    """Make the output's ``Reshape(-1, 1)`` a ``Reshape(-1, n_out)``: one row of ``n_out``
+    outputs per input row, where the file returned ``n_out`` rows of one. Returns the new
+    model and the node's label; GraphError if the output has no constant Reshape."""
+    model = copy_model(model)
+    node = output_reshape(model)
+    if node is None:
+        raise GraphError("the output does not come from a Reshape with a constant shape")
+    name = _Names(model).fresh(PREFIX + "output_shape")
+    _add_initializers(model, [numpy_helper.from_array(np.array([-1, n_out], np.int64), name)])
+    old, node.input[1] = node.input[1], name
+    if old not in _Index(model).uses:  # the old shape constant is left over: drop it
+        keep = [t for t in model.graph.initializer if t.name != old]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        keep_nodes = [n for n in model.graph.node if old not in n.output]
+        del model.graph.node[:]
+        model.graph.node.extend(keep_nodes)
+    return declare_output(model, n_out), _label(node)
+
+
 # ------------------------------------------------------------------------------ fold
 
 ML = "ai.onnx.ml"
@@ -708,13 +783,23 @@ def _match_ml_output(index: _Index, node: onnx.NodeProto, affine: Affine) -> _La
                 f"{label} aggregates with {aggregate} over all targets, and the scales have "
                 "both signs (a negative scale turns MIN into MAX)"
             )
+        # onnxruntime returns 0, not the base value, for a target that a row reaches no
+        # leaf weight of: a shift needs a target that some tree scores in every leaf.
+        scored = _scored_targets(node)
+        unscored = [j for j in range(min(n_out, width)) if shift[j] and j not in scored]
+        if unscored:
+            return (
+                f"{label}: no tree has a weight for target {unscored[0]} in every leaf, and "
+                "rows that reach none get 0 instead of the base value, so its shift has "
+                "nowhere to go"
+            )
         if op == "TreeEnsemble" and aggregate in ("SUM", "AVERAGE"):
             owned = _tree5_owned_trees(node)
-            missing = [j for j in range(n_out) if shift[j] and j not in owned]
+            missing = [j for j in range(min(n_out, width)) if shift[j] and j not in owned]
             if missing:
                 return (
-                    f"{label} has no base values and no tree whose every leaf feeds target "
-                    f"{missing[0]} alone, so that target's shift has nowhere to go"
+                    f"{label} has no base values and no tree of its own for target "
+                    f"{missing[0]}, so that target's shift has nowhere to go"
                 )
     if width != n_out:
         return f"{label} has {width} targets, the model's output has {n_out} columns"
@@ -1008,7 +1093,7 @@ def _fold_ml(
         _set_attr(node, "offset", offset)
         _set_attr(node, "scale", scale)
     elif op == "SVMRegressor":
-        _fold_svm(node, affine_in, affine_out)
+        _fold_svm(node, affine_in, affine_out, notes)
     else:
         if affine_in is not None:
             _fold_tree_splits(model, layer, affine_in, notes)
@@ -1016,24 +1101,30 @@ def _fold_ml(
             _fold_tree_leaves(node, affine_out)
 
 
-def _fold_svm(node: onnx.NodeProto, affine_in: Affine | None, affine_out: Affine | None) -> None:
-    """``y = K(x) @ coef + rho``. A linear kernel ``K_i(x) = x · sv_i`` is a dense layer
-    without a bias: the input side folds into the support vectors, and the constant
-    ``t · sv_i`` it leaves flows through the coefficients into ``rho``. Without support
-    vectors the model is ``y = x · coef + rho``, one dense layer."""
+def _fold_svm(
+    node: onnx.NodeProto, affine_in: Affine | None, affine_out: Affine | None, notes: list[str]
+) -> None:
+    """``y = K(x) @ coef + rho``: the output side folds into ``coef`` and ``rho``.
+
+    The input side enters only a linear kernel, ``K_i(x) = x · sv_i``, where the model is
+    one dense layer ``y = x · w + rho`` with ``w = Σ coef_i sv_i``. It is written as such
+    (``n_supports = 0``, the op's linear mode) before folding: folding into every support
+    vector instead leaves a sum of many large terms that cancel, which float32 cannot
+    carry.
+    """
     supports = _attr(node, "n_supports", 0)
     coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64).reshape(-1, 1)
-    rho = np.asarray(_attr(node, "rho", [0.0]), dtype=np.float64).reshape(1, 1)
-    through: Affine | None = None
-    if supports == 0:
-        through = affine_in
-    elif affine_in is not None:
+    if supports and affine_in is not None:
         vectors = np.asarray(_attr(node, "support_vectors", []), dtype=np.float64)
-        sv_w, sv_c = fold_dense(vectors.reshape(supports, -1).T, None, affine_in)
-        _set_attr(node, "support_vectors", sv_w.T.reshape(-1))
-        if sv_c is not None:  # the kernel's constant term, as an input shift of the coefficients
-            through = (np.ones(supports), sv_c.reshape(-1))
-    W, C = fold_dense(coefficients, rho, through, affine_out)
+        coefficients = vectors.reshape(supports, -1).T @ coefficients
+        notes.append(
+            f"{_label(node)}: its linear kernel's {supports} support vectors are summed into "
+            f"{coefficients.shape[0]} coefficients (n_supports 0, the op's linear mode)"
+        )
+        _drop_attr(node, "support_vectors")
+        _set_attr(node, "n_supports", 0)
+    rho = np.asarray(_attr(node, "rho", [0.0]), dtype=np.float64).reshape(1, 1)
+    W, C = fold_dense(coefficients, rho, affine_in, affine_out)
     _set_attr(node, "coefficients", W.reshape(-1))
     _set_attr(node, "rho", np.zeros(1) if C is None else C.reshape(-1))
 
@@ -1183,15 +1274,45 @@ def tree_splits(model: onnx.ModelProto) -> list[tuple[int, float]]:
     return found
 
 
-def _tree5_owned_trees(node: onnx.NodeProto) -> dict[int, set[int]]:
-    """For ``TreeEnsemble``: per target, the leaves of one tree whose every leaf feeds that
-    target and no other tree shares (adding the shift there adds it once per row)."""
+def _scored_targets(node: onnx.NodeProto) -> set[int]:
+    """The targets that every row scores: some tree has a weight for them in every leaf."""
+    if node.op_type == "TreeEnsemble":
+        targets = list(_attr(node, "leaf_targetids", []))
+        feeds = [
+            [{targets[leaf]} if 0 <= leaf < len(targets) else set() for leaf in leaves]
+            for leaves in _tree5_leaves(node)
+        ]
+    else:
+        trees = list(_attr(node, "nodes_treeids", []))
+        ids = list(_attr(node, "nodes_nodeids", []))
+        modes = [_text(m) for m in _attr(node, "nodes_modes", [])]
+        weights: dict[tuple[int, int], set[int]] = {}
+        for tree, leaf, target in zip(
+            _attr(node, "target_treeids", []),
+            _attr(node, "target_nodeids", []),
+            _attr(node, "target_ids", []),
+            strict=False,
+        ):
+            weights.setdefault((tree, leaf), set()).add(target)
+        per_tree: dict[int, list[set[int]]] = {}
+        for tree, leaf, mode in zip(trees, ids, modes, strict=False):
+            if mode == "LEAF":
+                per_tree.setdefault(tree, []).append(weights.get((tree, leaf), set()))
+        feeds = list(per_tree.values())
+    scored: set[int] = set()
+    for leaves in feeds:
+        if leaves:
+            scored |= set.intersection(*leaves)
+    return scored
+
+
+def _tree5_leaves(node: onnx.NodeProto) -> list[set[int]]:
+    """For ``TreeEnsemble``: the leaves each tree reaches."""
     roots = list(_attr(node, "tree_roots", []))
     true_ids = list(_attr(node, "nodes_truenodeids", []))
     false_ids = list(_attr(node, "nodes_falsenodeids", []))
     true_leaf = list(_attr(node, "nodes_trueleafs", []))
     false_leaf = list(_attr(node, "nodes_falseleafs", []))
-    targets = list(_attr(node, "leaf_targetids", []))
     per_tree: list[set[int]] = []
     for root in roots:
         leaves: set[int] = set()
@@ -1207,6 +1328,14 @@ def _tree5_owned_trees(node: onnx.NodeProto) -> dict[int, set[int]]:
                 else:
                     stack.append(child)
         per_tree.append(leaves)
+    return per_tree
+
+
+def _tree5_owned_trees(node: onnx.NodeProto) -> dict[int, set[int]]:
+    """For ``TreeEnsemble``: per target, the leaves of one tree whose every leaf feeds that
+    target and no other tree shares (adding the shift there adds it once per row)."""
+    targets = list(_attr(node, "leaf_targetids", []))
+    per_tree = _tree5_leaves(node)
     counts = Counter(leaf for leaves in per_tree for leaf in leaves)
     owned: dict[int, set[int]] = {}
     for leaves in per_tree:
@@ -1451,6 +1580,11 @@ def _drop_attr(node: onnx.NodeProto, name: str) -> None:
     keep = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
     node.attribute.extend(keep)
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How messages name a node: ``Gemm 'fc1'`` (or by its first output if it has no name)."""
+    return _label(node)
 
 
 def _label(node: onnx.NodeProto) -> str:
