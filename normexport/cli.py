@@ -248,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rename", action="store_true", help="name the input/output input/output")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
     p.add_argument("--data", metavar="DATA.csv", help="rows for verification")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="repair an output Reshape(-1, 1) that interleaves the outputs into rows",
+    )
 
     p = verb(
         "demo",
@@ -453,9 +458,12 @@ def _bake(args: argparse.Namespace) -> int:
             rename=args.rename,
             verify=not args.no_verify,
             data=args.data,
+            repair=args.repair,
         )
     for note in result.notes:
         print(note, file=sys.stderr)
+    for change in result.changes:
+        print(f"changed: {change}", file=sys.stderr)
     if result.report is not None:
         print(result.report.table())
     sides = ", ".join(f"{side} {result.plan[side]}" for side in ("input", "output"))
