@@ -242,11 +242,14 @@ class ModelShape:
     in_dtype: str
     out_dtype: str
     batch: int | None  # a fixed batch size, or None for a symbolic one
+    inner_float32: bool = False  # float64 in and out, but float32 somewhere inside
 
     @property
     def dtype(self) -> str:
-        """The looser of the two dtypes: it sets the verification tolerance."""
-        return "float32" if "float32" in (self.in_dtype, self.out_dtype) else "float64"
+        """The loosest precision the model computes in: it sets the verification tolerance."""
+        if self.inner_float32 or "float32" in (self.in_dtype, self.out_dtype):
+            return "float32"
+        return "float64"
 
 
 def load_model(path: Path) -> onnx.ModelProto:
@@ -341,7 +344,16 @@ def describe(path: Path, model: onnx.ModelProto) -> ModelShape:
             "bake needs [batch, n_in] with n_in fixed"
         )
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
-    shape = ModelShape(io_.input_name, io_.output_name, dims[1], 0, in_dtype, out_dtype, batch)
+    shape = ModelShape(
+        io_.input_name,
+        io_.output_name,
+        dims[1],
+        0,
+        in_dtype,
+        out_dtype,
+        batch,
+        inner_float32=_computes_in_float32(model),
+    )
     return _with_output_width(path, model, io_, shape)
 
 
@@ -378,16 +390,19 @@ def resolve_output(
     """The output width is the width the model returns.
 
     The declared width is trusted unless it is open, disagrees with ``wanted`` (the width
-    the factors or scalers give), or the output comes from a ``Reshape(-1, 1)`` of wider
-    data. Then the model runs once on a few rows: a wrong declaration is repaired in the
-    baked file; a model that returns ``k`` rows of one value per input row (its
-    ``Reshape(-1, 1)`` interleaves the targets) is refused, or with ``repair`` given a
-    ``Reshape(-1, k)``. Returns the model, the shape, what was changed, and whether the
-    original's outputs must be regrouped to ``k`` per row to compare with the baked ones.
+    the factors or scalers give), the output comes from a ``Reshape(-1, 1)`` of wider
+    data, or the graph has ``ai.onnx.ml`` ops. Then the model runs once on a few rows: a
+    wrong declaration is repaired in the baked file; a model that returns ``k`` rows of
+    one value per input row (its ``Reshape(-1, 1)`` interleaves the targets) is refused,
+    or with ``repair`` given a ``Reshape(-1, k)``. Returns the model, the shape, what was
+    changed, and whether the original's outputs must be regrouped to ``k`` per row to
+    compare with the baked ones.
     """
     declared = shape.n_out
     suspect = onnx_affine.interleaving_reshape(model)
-    if declared and wanted in (None, declared) and suspect is None:
+    # ai.onnx.ml converters are known to declare widths their ops do not return.
+    foreign = any(n.domain == onnx_affine.ML for n in model.graph.node)
+    if declared and wanted in (None, declared) and suspect is None and not foreign:
         return model, shape, [], False
     rows = shape.batch or PROBE_ROWS
     out = _probe(path, shape, rows)
@@ -439,6 +454,22 @@ def _probe(path: Path, shape: ModelShape, rows: int) -> np.ndarray:
         raise
     except Exception as exc:  # onnxruntime's own exception types
         raise FormatError(f"{path}: onnxruntime cannot run the model: {first_line(exc)}") from exc
+
+
+def _computes_in_float32(model: onnx.ModelProto) -> bool:
+    """Whether some value inside is float32: an ai.onnx.ml regressor or Scaler (they write
+    FLOAT whatever they read), a Cast to FLOAT or a FLOAT constant."""
+    for graph in onnx_affine.graphs(model.graph):
+        if any(t.data_type == TensorProto.FLOAT for t in graph.initializer):
+            return True
+        for node in graph.node:
+            if node.domain == onnx_affine.ML and node.op_type in onnx_affine.FLOAT_ML_OPS:
+                return True
+            if node.op_type == "Cast" and any(
+                a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute
+            ):
+                return True
+    return False
 
 
 def _float_type(path: Path, side: str, value: onnx.ValueInfoProto) -> str:

@@ -52,6 +52,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
@@ -403,6 +404,8 @@ _ML_INPUT_OPS = frozenset(
     {"LinearRegressor", "Scaler", "SVMRegressor", "TreeEnsembleRegressor", "TreeEnsemble"}
 )
 _ML_OUTPUT_OPS = _ML_INPUT_OPS - {"Scaler"}
+# ai.onnx.ml ops whose output is FLOAT whatever their input (TreeEnsemble follows its input).
+FLOAT_ML_OPS = frozenset(_ML_INPUT_OPS - {"TreeEnsemble"})
 _SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, never its values
 _TREE_MODES = {"BRANCH_LEQ": "LEQ", "BRANCH_LT": "LT", "BRANCH_GTE": "GTE", "BRANCH_GT": "GT"}
 _TREE5_MODES = {0: "LEQ", 1: "LT", 2: "GTE", 3: "GT", 4: "EQ", 5: "NEQ", 6: "MEMBER"}
@@ -467,6 +470,8 @@ def fold(
         layers[id(first.node)] = (first, as_float64(in_affine), None)
     if last is not None:
         prev = layers.get(id(last.node))
+        if prev is not None:  # one layer, both sides: it reads what the input side found
+            last = dataclasses.replace(last, elem=prev[0].elem)
         layers[id(last.node)] = (last, prev[1] if prev else None, as_float64(out_affine))
     names = _Names(model)
     notes = [] if changes is None else changes
