@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import random_net
 from test_fold import extreme_scalers, onnx_of, run
 
+from normexport.modeldir import NET_PREFIX, params_file, symbol_file
 from normexport.mx import graph
+from normexport.mx.checkpoint import save_checkpoint
+from normexport.reference import NumpyNet
 from normexport.scaling import AffineScaler
 
 
@@ -37,19 +40,13 @@ def typical_scalers():
 
 def reference(checkpoint, in_sc, out_sc, X):
     """float64 NumPy forward pass of the plain net between the float64 affines."""
-    params = {k: v.asnumpy().astype(np.float64) for k, v in checkpoint.arg_params.items()}
-    nodes = graph._nodes(checkpoint.symbol)
-    values = []
-    from normexport.verification import _NUMPY_OPS
+    import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(checkpoint, tmp, NET_PREFIX)
+        net = NumpyNet(symbol_file(tmp, NET_PREFIX), params_file(tmp, NET_PREFIX))
     x = X.astype(np.float64) * in_sc.scale_ + in_sc.shift_
-    for node in nodes:
-        args = [values[r[0]] for r in node["inputs"]]
-        if node["op"] == "null":
-            values.append(params.get(node["name"], x))
-        else:
-            values.append(_NUMPY_OPS[node["op"]](args, node.get("attrs", {})))
-    return values[-1] * out_sc.inverse_scale_ + out_sc.inverse_shift_
+    return net(x) * out_sc.inverse_scale_ + out_sc.inverse_shift_  # float64 params for float64 x
 
 
 def main() -> None:
