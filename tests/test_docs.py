@@ -35,7 +35,7 @@ PAGES = [
     "docs/bake.md",
     "README.md",
 ]
-FOREIGN = ("torch", "tensorflow", "tf2onnx", "keras", "sklearn", "skl2onnx")
+FOREIGN = ("torch", "tensorflow", "tf2onnx", "keras", "sklearn", "skl2onnx", "lightgbm", "xgboost")
 BLOCK = re.compile(r"```(python|sh)\n(.*?)```", re.S)
 
 
