@@ -355,7 +355,7 @@ def _cell_problem(cell: str, allow_missing: bool) -> str | None:
         value = float(text)
     except ValueError:
         return f"{text!r} is not a number"
-    if "_" in text:  # Python reads 1_000, pyarrow does not
+    if "_" in text or not text.isascii():  # Python reads 1_000 and other scripts' digits
         return f"{text!r} is not a number"
     if math.isinf(value) or (math.isnan(value) and not allow_missing):
         return f"{text} is not finite"

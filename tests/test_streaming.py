@@ -178,3 +178,14 @@ def test_stdout_is_csv_and_parquet_keeps_float32(capsys, tmp_path):
     out = tmp_path / "p.parquet"
     assert main(["predict", str(MODEL), str(DATA / "rows.csv"), "--out", str(out)]) == 0
     assert pq.read_table(out).schema.field("load").type == pa.float32()
+
+
+@pytest.mark.parametrize("cell", ["1_000", "\u0663", "\uff13", "\u22121", "0x10"])
+def test_numbers_are_ascii_decimal_as_pyarrow_reads_them(tmp_path, capsys, cell):
+    """Python's float() reads 1_000 and other scripts' digits; the table layer does not,
+    and says so on the cell's line, like any other non-number."""
+    path = tmp_path / "n.csv"
+    path.write_text(f"temp_k,strain,frac\n300,{cell},0.5\n", encoding="utf-8")
+    assert main(["predict", str(MODEL), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"n.csv:2: column 'strain': {cell!r} is not a number" in err, err
