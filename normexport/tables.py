@@ -231,6 +231,7 @@ class _Csv(_Source):
 
     def __init__(self, path: Path, delimiter: str) -> None:
         self.path, self.delimiter = path, delimiter
+        self._check_header_length()
         with self._records() as records:
             first = next(records, None)
         if first is None:
@@ -261,6 +262,19 @@ class _Csv(_Source):
                     looks = "tab" if char == "\t" else shown
                     return f" (the header looks {looks}-separated: try --delimiter {shown})"
         return ""
+
+    def _check_header_length(self) -> None:
+        """A row longer than a read block cannot be read: say so before anything holds it."""
+        try:
+            with pa.input_stream(str(self.path), compression="detect") as stream:
+                head = stream.read(CSV_BLOCK_BYTES)
+        except (OSError, pa.ArrowException):
+            return  # _records names the problem
+        if len(head) == CSV_BLOCK_BYTES and b"\n" not in head and b"\r" not in head:
+            raise DataError(
+                f"{self.path}:1: the header row is longer than {CSV_BLOCK_BYTES >> 10} KiB, "
+                "the longest row normexport reads"
+            )
 
     @contextlib.contextmanager
     def _records(self) -> Iterator[Iterator[tuple[int, list[str]]]]:

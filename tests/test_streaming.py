@@ -189,3 +189,15 @@ def test_numbers_are_ascii_decimal_as_pyarrow_reads_them(tmp_path, capsys, cell)
     assert main(["predict", str(MODEL), str(path)]) == 2
     err = capsys.readouterr().err
     assert f"n.csv:2: column 'strain': {cell!r} is not a number" in err, err
+
+
+def test_a_header_longer_than_a_read_block_is_refused_before_it_is_held(tmp_path, capsys):
+    path = tmp_path / "wide.csv"
+    names = ",".join(f"column_{i}" for i in range(100_000))  # about 1.2 MB on one line
+    path.write_text(f"{names},temp_k,strain,frac\n")
+    assert main(["predict", str(MODEL), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"normexport: error: {path}:1: the header row is longer than 512 KiB, "
+        "the longest row normexport reads"
+    )
