@@ -128,8 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--scaler", choices=["minmax", "standard"], default="minmax")
-    p.add_argument("--epochs", type=_positive(int), default=200)
-    p.add_argument("--batch-size", type=_positive(int), default=32)
+    p.add_argument(
+        "--epochs",
+        type=_positive(int),
+        metavar="MAX",
+        help="at most this many epochs (200); training stops earlier when the hold-out "
+        "stops improving",
+    )
+    p.add_argument(
+        "--patience",
+        type=_positive(int),
+        metavar="N",
+        help="stop after N epochs without a hold-out improvement of 0.1%% (20)",
+    )
+    p.add_argument("--no-early-stop", action="store_true", help="run every epoch up to --epochs")
+    p.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        metavar="N",
+        help="rows per step (default: 32, doubling with the rows to keep ~128 steps an "
+        "epoch, at most 1024)",
+    )
     p.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
     p.add_argument(
         "--lr-schedule",
@@ -157,9 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="side file of (scale, shift) rows: n_inputs normalizing rows, then "
         "n_outputs de-normalizing rows (text or .npy)",
     )
+    p.add_argument(
+        "--inputs",
+        type=_columns,
+        metavar="A,B,..",
+        help="with --factors: names of the input columns, in the file's row order",
+    )
+    p.add_argument(
+        "--targets",
+        type=_columns,
+        metavar="U,V,..",
+        help="with --factors: names of the target columns, in the file's row order",
+    )
     p.add_argument("--out", metavar="DIR", help="model directory to write (with --symbol)")
     p.add_argument("--mode", choices=["splice", "fold"], default="splice")
     p.add_argument("--opset", type=int, default=13, help="ONNX opset (13)")
+    p.add_argument(
+        "--rtol",
+        type=_positive(float),
+        help="verification tolerance on range-relative error (1e-5 float32, 1e-12 float64)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a model directory of a different network at --out",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on sanity warnings (constant output, inputs far outside the range)",
+    )
 
     p = verb(
         "verify",
@@ -340,6 +386,11 @@ def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) ->
 def _train(args: argparse.Namespace) -> int:
     from normexport.mx import require
 
+    options = _given(args, "epochs", "batch_size", "patience")  # else train()'s defaults
+    if args.no_early_stop:
+        if args.patience is not None:
+            raise UserError("give either --patience or --no-early-stop")
+        options["patience"] = None
     result = require("exporting").train_to_directory(
         args.data,
         args.inputs,
@@ -349,16 +400,19 @@ def _train(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         activation=args.activation,
         dtype=args.dtype,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        **options,
     )
-    print(f"trained {args.activation} net {args.hidden} ({args.dtype}) in {result.seconds:.1f} s")
+    settings = result.settings
     print(
-        f"best epoch {result.best_epoch} of {len(result.history)}; "
+        f"trained {args.activation} net {args.hidden} ({args.dtype}) in {result.seconds:.1f} s, "
+        f"batch {settings['batch_size']}"
+    )
+    print(
+        f"best epoch {result.best_epoch} of {len(result.history)} ({settings['stopped']}); "
         f"{result.rmse_on} RMSE (raw units):"
     )
     if result.rmse_on != "hold-out":
@@ -372,14 +426,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from normexport.modeldir import describe_directory
+    from normexport.modeldir import describe_directory, load_scalers
     from normexport.mx import require
+    from normexport.scaling import unnamed_hint
 
     exporting = require("exporting")
+    options = {"mode": args.mode, "opset": args.opset, "rtol": args.rtol, "strict": args.strict}
     if args.dir and (args.symbol or args.params or args.out or args.scalers or args.factors):
         raise UserError("give either DIR or --symbol/--params/--out with --scalers or --factors")
+    if (args.inputs or args.targets) and not args.factors:
+        raise UserError("--inputs and --targets name the columns of --factors")
     if args.dir:
-        out = exporting.export_directory(args.dir, mode=args.mode, opset=args.opset)
+        out = exporting.export_directory(args.dir, **options)
     else:
         missing = [f for f in ("symbol", "params", "out") if not getattr(args, f)]
         if missing:
@@ -392,10 +450,15 @@ def _export(args: argparse.Namespace) -> int:
             args.out,
             scalers=args.scalers,
             factors=args.factors,
-            mode=args.mode,
-            opset=args.opset,
+            inputs=args.inputs,
+            targets=args.targets,
+            force=args.force,
+            **options,
         )
     print(describe_directory(out))
+    hint = unnamed_hint(*load_scalers(Path(out) / "scalers.json")[:2])
+    if hint:
+        print(f"note: {hint}")
     return EXIT_OK
 
 

@@ -79,9 +79,14 @@ def format_inspection(summary: dict[str, Any]) -> str:
         )
     scalers = summary.get("scalers")
     if scalers:
-        lines.append(f"scalers ({scalers['dtype']}):")
+        lines.append(
+            f"scalers ({scalers['dtype']}), in the factors file's directions: inputs "
+            "x_norm = x * scale + shift, outputs y = y_norm * scale + shift"
+        )
         for side in ("inputs", "outputs"):
             doc = scalers[side]
+            # outputs: the de-normalizing factors, which the graph and a factors file hold
+            keys = ("scale", "shift") if side == "inputs" else ("inverse_scale", "inverse_shift")
             for i, name in enumerate(doc["columns"]):
                 stats = ""
                 if doc["kind"] == "minmax":
@@ -90,6 +95,6 @@ def format_inspection(summary: dict[str, Any]) -> str:
                     stats = f"mean {doc['mean'][i]:.6g} std {doc['std'][i]:.6g}"
                 lines.append(
                     f"  {side[:-1]:<6} {name:<12} {doc['kind']:<8} {stats:<34} "
-                    f"scale {doc['scale'][i]:.6g} shift {doc['shift'][i]:.6g}"
+                    f"scale {doc[keys[0]][i]:.6g} shift {doc[keys[1]][i]:.6g}"
                 )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -80,11 +80,14 @@ def read_manifest(model_dir: Path) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def model_directory(out_dir: str | os.PathLike[str], *, keep: bool = True) -> Iterator[Path]:
+def model_directory(out_dir: str | os.PathLike[str], *, keep: Sequence[str] = ()) -> Iterator[Path]:
     """Stage a model directory beside ``out_dir`` and swap it in when the block succeeds.
 
-    With ``keep``, the stage starts as a copy of the existing directory (an export keeps
-    the training files). A failure removes the stage and leaves ``out_dir`` as it was.
+    The stage starts empty, or holding the entries of the existing directory that
+    ``keep`` names (relative paths, hard-linked); :func:`carry_over` adds more later.
+    Nothing else of the old directory survives the swap, so its manifest lists only what
+    was written or kept on purpose. A failure removes the stage and leaves ``out_dir`` as
+    it was.
     """
     target = Path(out_dir)
     repair(target)
@@ -101,11 +104,8 @@ def model_directory(out_dir: str | os.PathLike[str], *, keep: bool = True) -> It
     stage = target.parent / f".{target.name}{_STAGING}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        if keep and target.is_dir():
-            shutil.copytree(target, stage, copy_function=_link_or_copy)
-            (stage / MANIFEST_FILE).unlink(missing_ok=True)
-        else:
-            stage.mkdir()
+        stage.mkdir()
+        carry_over(target, stage, keep)
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         raise NormexportError(f"{target.parent}: cannot write here ({exc.strerror})") from exc
@@ -114,6 +114,26 @@ def model_directory(out_dir: str | os.PathLike[str], *, keep: bool = True) -> It
         _swap_in(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def carry_over(source: Path, stage: Path, names: Iterable[str]) -> list[str]:
+    """Hard-link (or copy) the files or directories ``names`` (relative to ``source``)
+    into ``stage``; returns the names that existed. Names that leave ``source`` are
+    ignored."""
+    carried = []
+    for name in names:
+        src = source / name
+        if ".." in Path(name).parts or Path(name).is_absolute() or not src.exists():
+            continue
+        dst = stage / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+        else:
+            dst.unlink(missing_ok=True)
+            _link_or_copy(str(src), str(dst))
+        carried.append(name)
+    return carried
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -199,11 +219,15 @@ def describe_directory(model_dir: str | os.PathLike[str]) -> str:
                 lines.append(f"  {side} side spliced, not folded: {reason}")
     check = manifest.get("verification")
     if check:
+        against = f" against {check['reference']} (float64)" if check.get("reference") else ""
+        loosened = f", loosened from {check['rtol_default']:g}" if check.get("loosened") else ""
         lines.append(
-            f"  verified on {check['rows']} rows with {', '.join(check['runtimes'])}: "
+            f"  verified on {check['rows']} rows with {', '.join(check['runtimes'])}{against}: "
             f"max range-relative error {check['max_rel_error']:.3g} "
-            f"(tolerance {check['rtol']:g}) {'PASS' if check['ok'] else 'FAIL'}"
+            f"(tolerance {check['rtol']:g}{loosened}) {'PASS' if check['ok'] else 'FAIL'}"
         )
+        for warning in check.get("warnings", []):
+            lines.append(f"  warning: {warning}")
     for name, entry in sorted(manifest.get("files", {}).items()):
         lines.append(f"  {name:<24} {_human(entry['bytes']):>10}")
     return "\n".join(lines)

@@ -6,10 +6,11 @@ whole export or bake. :func:`post_process` is the one ordered list.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import onnx
-from onnx import TensorProto, helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from normexport import __version__
 from normexport.affine import SIDES
@@ -118,36 +119,175 @@ def drop_redundant_flatten(model: onnx.ModelProto) -> onnx.ModelProto:
 
 SOFTPLUS_EXPANSION = ["Relu", "Abs", "Neg", "Exp", "Add", "Log", "Add"]
 
+# erf(x) = 2/sqrt(pi) x exp(-x^2) sum_n (2 x^2)^n / (1 3 5 ... (2n+1)): every term is
+# positive, so there is no cancellation; with |x| clipped at 5.9 (erf(5.9) is 1 to
+# 1e-16) and 101 terms the sum is within 2e-15 of erf everywhere (measured against
+# math.erf on 200,000 points in [-8, 8]). The polynomial runs in z = x^2 / 32 (exact),
+# so that no coefficient is tiny: onnxruntime's optimizer drops an Add of a double
+# constant below about 1e-44 as if it were zero (measured, onnxruntime 1.32).
+ERF_CLIP = 5.9
+ERF_TERMS = 101
+ERF_Z = 32.0
 
-def expand_double_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite double ``Softplus`` (which onnxruntime does not implement) in basic ops.
 
-    ``softplus(x) = relu(x) + log(1 + exp(-|x|))``: stable for any ``x`` and within an
-    ulp-scale absolute error of ``log1p``; float32 graphs are left alone.
+def _erf_coefficients() -> list[float]:
+    """Coefficients of the sum as a polynomial in z = x^2 / 32, exact to the last bit."""
+    from fractions import Fraction
+
+    coefficients, denominator = [], Fraction(1)
+    for n in range(ERF_TERMS):
+        coefficients.append(float(Fraction(2**n) * Fraction(int(ERF_Z)) ** n / denominator))
+        denominator *= 2 * n + 3
+    return coefficients
+
+
+class _DoubleOps:
+    """Builds the replacement of one op in double ops that onnxruntime implements."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = model.graph
+        self.taken = {i.name for i in graph.initializer} | {
+            o for n in graph.node for o in (*n.input, *n.output)
+        }
+        self.constants: dict[float, str] = {}
+
+    def constant(self, value: float) -> str:
+        """The name of a double scalar initializer holding ``value`` (one per value)."""
+        if value not in self.constants:
+            name = self.unique(f"normexport_c{len(self.constants)}")
+            self.model.graph.initializer.append(
+                helper.make_tensor(name, TensorProto.DOUBLE, [], [value])
+            )
+            self.constants[value] = name
+        return self.constants[value]
+
+    def unique(self, name: str) -> str:
+        candidate, k = name, 1
+        while candidate in self.taken:
+            candidate, k = f"{name}_{k}", k + 1
+        self.taken.add(candidate)
+        return candidate
+
+    def expand(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, y = node.input[0], node.output[0]
+        stem = f"{node.name or y}_normexport"
+        nodes: list[onnx.NodeProto] = []
+
+        def op(kind: str, *inputs: str, out: str | None = None) -> str:
+            out = out or self.unique(f"{stem}_{kind.lower()}")
+            nodes.append(helper.make_node(kind, list(inputs), [out], name=self.unique(out)))
+            return out
+
+        def negative_part() -> str:  # min(x, 0), exactly
+            return op("Min", x, self.constant(0.0))
+
+        def exp_minus_one() -> str:  # exp(min(x, 0)) - 1: within 2e-16 of expm1
+            return op("Sub", op("Exp", negative_part()), self.constant(1.0))
+
+        kind = node.op_type
+        if kind == "Softplus":  # relu(x) + log(1 + exp(-|x|)), stable for any x
+            relu = op("Relu", x)
+            tail = op("Log", op("Add", op("Exp", op("Neg", op("Abs", x))), self.constant(1.0)))
+            op("Add", relu, tail, out=y)
+        elif kind == "LeakyRelu":  # relu(x) + alpha min(x, 0)
+            alpha = float(attrs.get("alpha", 0.01))
+            op("Add", op("Relu", x), op("Mul", negative_part(), self.constant(alpha)), out=y)
+        elif kind == "PRelu":  # relu(x) + slope min(x, 0)
+            op("Add", op("Relu", x), op("Mul", negative_part(), node.input[1]), out=y)
+        elif kind == "Elu":  # relu(x) + alpha (exp(min(x, 0)) - 1)
+            alpha = float(attrs.get("alpha", 1.0))
+            op("Add", op("Relu", x), op("Mul", exp_minus_one(), self.constant(alpha)), out=y)
+        elif kind == "Selu":  # gamma (relu(x) + alpha (exp(min(x, 0)) - 1))
+            alpha = float(attrs.get("alpha", 1.67326319217681884765625))
+            gamma = float(attrs.get("gamma", 1.05070102214813232421875))
+            inner = op("Add", op("Relu", x), op("Mul", exp_minus_one(), self.constant(alpha)))
+            op("Mul", inner, self.constant(gamma), out=y)
+        elif kind == "Softsign":  # x / (1 + |x|)
+            op("Div", x, op("Add", op("Abs", x), self.constant(1.0)), out=y)
+        elif kind == "HardSigmoid":  # max(0, min(1, alpha x + beta))
+            alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+            line = op("Add", op("Mul", x, self.constant(alpha)), self.constant(beta))
+            op("Max", op("Min", line, self.constant(1.0)), self.constant(0.0), out=y)
+        elif kind == "Erf":
+            clipped = op("Max", op("Min", x, self.constant(ERF_CLIP)), self.constant(-ERF_CLIP))
+            square = op("Mul", clipped, clipped)
+            z = op("Mul", square, self.constant(1.0 / ERF_Z))
+            coefficients = _erf_coefficients()
+            total = self.constant(coefficients[-1])
+            for c in reversed(coefficients[:-1]):  # Horner in z
+                total = op("Add", op("Mul", total, z), self.constant(c))
+            front = op("Mul", clipped, self.constant(2.0 / math.sqrt(math.pi)))
+            op("Mul", op("Mul", front, op("Exp", op("Neg", square))), total, out=y)
+        else:
+            return None
+        return nodes
+
+
+DOUBLE_REWRITES = (
+    "Softplus",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Softsign",
+    "HardSigmoid",
+    "Erf",
+)
+
+
+def expand_double_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite double ops that onnxruntime does not implement in ops it does.
+
+    onnxruntime has no float64 kernel for the ops in :data:`DOUBLE_REWRITES` (it fails
+    at session creation); each becomes a few elementwise ops with the same result
+    (docs/onnx-interface.md lists the formulas and their precision). Float32 graphs are
+    left alone.
     """
     if model.graph.input[0].type.tensor_type.elem_type != TensorProto.DOUBLE:
         return model
+    if not any(n.op_type in DOUBLE_REWRITES for n in model.graph.node):
+        return model
     model = copy_model(model)
-    one = "normexport_one"
-    nodes = []
+    builder = _DoubleOps(model)
+    nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        if node.op_type != "Softplus":
+        if node.domain not in ("", "ai.onnx"):
             nodes.append(node)
             continue
-        x, y, p = node.input[0], node.output[0], f"{node.name or node.output[0]}_normexport"
-        nodes += [
-            helper.make_node("Relu", [x], [f"{p}_relu"], name=f"{p}_relu"),
-            helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"),
-            helper.make_node("Neg", [f"{p}_abs"], [f"{p}_neg"], name=f"{p}_neg"),
-            helper.make_node("Exp", [f"{p}_neg"], [f"{p}_exp"], name=f"{p}_exp"),
-            helper.make_node("Add", [f"{p}_exp", one], [f"{p}_1p"], name=f"{p}_1p"),
-            helper.make_node("Log", [f"{p}_1p"], [f"{p}_log"], name=f"{p}_log"),
-            helper.make_node("Add", [f"{p}_relu", f"{p}_log"], [y], name=f"{p}_add"),
-        ]
-    if len(nodes) != len(model.graph.node):
-        model.graph.initializer.append(helper.make_tensor(one, TensorProto.DOUBLE, [], [1.0]))
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        nodes.extend(builder.expand(node) or [node])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+_ARITHMETIC = ("Add", "Sub", "Mul", "Div", "Min", "Max", "Pow")
+
+
+def match_constant_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """In a double graph, make float32 scalar constants of arithmetic ops double.
+
+    MXNet's exporter writes some constants as float32 whatever the network's dtype
+    (LayerNorm's epsilon, for one), which a float64 graph refuses. The float32 value
+    is the one MXNet computes with (its attributes are float32), so the cast is exact.
+    Runs on our own exports only: a user's graph is left as it is.
+    """
+    if model.graph.input[0].type.tensor_type.elem_type != TensorProto.DOUBLE:
+        return model
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    model = copy_model(model)
+    for tensor in model.graph.initializer:
+        if (
+            tensor.data_type == TensorProto.FLOAT
+            and readers.get(tensor.name)
+            and readers[tensor.name] <= set(_ARITHMETIC)
+        ):
+            value = numpy_helper.to_array(tensor).astype("float64")
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
     return model
 
 
@@ -232,8 +372,9 @@ def post_process(
         (lambda m: rename_io(m, batch=batch)) if rename else None,
         declare_shapes(*widths) if widths else None,
         drop_redundant_flatten if own_graph else None,  # a user's graph keeps its ops
+        match_constant_types if own_graph else None,  # our exporter's float32 constants
         affine_as_batchnorm,
-        expand_double_softplus,
+        expand_double_ops,
         set_opset(opset) if own_graph and opset is not None else None,
         name_graph if own_graph else None,
         set_metadata(metadata),

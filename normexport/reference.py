@@ -8,6 +8,7 @@ or fold shows up in verification as a disagreement, not as two copies of one mis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,25 +89,120 @@ def _activation(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
         return np.maximum(x, 0)
     if kind == "softrelu":
         return np.logaddexp(x.dtype.type(0), x)
+    if kind == "softsign":
+        return x / (one + np.abs(x))
     raise NotImplementedError(f"the NumPy reference has no {kind} activation")
 
+
+def _float32(attrs: dict[str, str], key: str, default: float) -> float:
+    """An MXNet float attribute as MXNet holds it (a float32), as a Python float."""
+    return float(np.float32(attrs.get(key, default)))
+
+
+# SELU's constants as MXNet's kernel holds them (float32)
+_SELU_ALPHA = float(np.float32(1.6732632423543772848170429916717))
+_SELU_LAMBDA = float(np.float32(1.0507009873554804934193349852946))
+
+
+def _leaky_relu(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    """MXNet's LeakyReLU op at inference, in the input's dtype."""
+    x, kind = args[0], attrs.get("act_type", "leaky")
+    t = x.dtype.type
+    negative = np.minimum(x, 0)
+    if kind == "leaky":
+        return np.maximum(x, 0) + t(_float32(attrs, "slope", 0.25)) * negative
+    if kind == "prelu":
+        if x.ndim != 2:
+            raise NotImplementedError("the NumPy reference has prelu on 2-D data only")
+        return np.maximum(x, 0) + args[1].reshape(1, -1).astype(x.dtype) * negative
+    if kind == "elu":
+        return np.maximum(x, 0) + t(_float32(attrs, "slope", 0.25)) * np.expm1(negative)
+    if kind == "selu":
+        return t(_SELU_LAMBDA) * (np.maximum(x, 0) + t(_SELU_ALPHA) * np.expm1(negative))
+    if kind == "gelu":
+        return t(0.5) * x * (t(1) + _erf(x / t(math.sqrt(2.0))))
+    raise NotImplementedError(f"the NumPy reference has no LeakyReLU of kind {kind}")
+
+
+_ERF = np.frompyfunc(math.erf, 1, 1)  # the C library's erf; NumPy has none
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return _ERF(x).astype(x.dtype)
+
+
+def _batch_norm(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    """Inference BatchNorm (moving statistics) over axis 1 of (batch, features) data."""
+    x, gamma, beta, mean, var = args
+    if x.ndim != 2 or int(attrs.get("axis", "1")) not in (1, -1):
+        raise NotImplementedError("the NumPy reference has BatchNorm over features only")
+    if attrs.get("fix_gamma", "True") in _TRUE:  # MXNet's default
+        gamma = np.ones_like(gamma)
+    eps = x.dtype.type(float(attrs.get("eps", "0.001")))  # a double parameter in MXNet
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _layer_norm(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    x, gamma, beta = args
+    axis = int(attrs.get("axis", "-1"))
+    if axis not in (-1, x.ndim - 1):
+        raise NotImplementedError("the NumPy reference has LayerNorm over the last axis only")
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
+    eps = x.dtype.type(_float32(attrs, "eps", 1e-5))  # a float32 parameter in MXNet
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _dropout(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    if attrs.get("mode", "training") == "always":
+        raise NotImplementedError("Dropout with mode='always' is random at inference")
+    return args[0]  # the identity at inference
+
+
+def _scalar(attrs: dict[str, str]) -> float:
+    return float(attrs.get("scalar", "0"))  # a double parameter in MXNet
+
+
+_TRUE = ("True", "true", "1")
 
 _NUMPY_OPS: dict[str, Callable[[list[np.ndarray], dict[str, str]], np.ndarray]] = {
     "null": lambda args, attrs: args[0],
     "FullyConnected": _fully_connected,
     "Activation": _activation,
+    "LeakyReLU": _leaky_relu,
+    "BatchNorm": _batch_norm,
+    "LayerNorm": _layer_norm,
+    "Dropout": _dropout,
     "broadcast_mul": lambda args, attrs: args[0] * args[1],
     "broadcast_add": lambda args, attrs: args[0] + args[1],
+    "broadcast_sub": lambda args, attrs: args[0] - args[1],
     "elemwise_mul": lambda args, attrs: args[0] * args[1],
     "elemwise_add": lambda args, attrs: args[0] + args[1],
+    "elemwise_sub": lambda args, attrs: args[0] - args[1],
+    "_mul_scalar": lambda args, attrs: args[0] * args[0].dtype.type(_scalar(attrs)),
+    "_div_scalar": lambda args, attrs: args[0] / args[0].dtype.type(_scalar(attrs)),
+    "_plus_scalar": lambda args, attrs: args[0] + args[0].dtype.type(_scalar(attrs)),
+    "_minus_scalar": lambda args, attrs: args[0] - args[0].dtype.type(_scalar(attrs)),
+    "negative": lambda args, attrs: -args[0],
+    "erf": lambda args, attrs: _erf(args[0]),
     "Flatten": lambda args, attrs: args[0].reshape(args[0].shape[0], -1),
     "sigmoid": lambda args, attrs: _activation(args, {"act_type": "sigmoid"}),
     "tanh": lambda args, attrs: np.tanh(args[0]),
     "relu": lambda args, attrs: np.maximum(args[0], 0),
+    "softsign": lambda args, attrs: _activation(args, {"act_type": "softsign"}),
 }
 
 
-def numpy_runtime(directory: Path, in_scaler: AffineScaler, out_scaler: AffineScaler) -> Runtime:
-    """normalize (scalers.json) → plain net (net-*) → de-normalize, all in NumPy."""
+def numpy_runtime(
+    directory: Path, in_scaler: AffineScaler, out_scaler: AffineScaler, dtype: str = "float64"
+) -> Runtime:
+    """normalize (scalers.json) → plain net (net-*) → de-normalize, all in NumPy.
+
+    It evaluates in ``dtype`` whatever the network's: float64 by default, so for a
+    float32 network it is the exact evaluation of the same weights (each float32 value
+    is exact in float64) that float32 runtimes are measured against.
+    """
     net = NumpyNet(symbol_file(directory, NET_PREFIX), params_file(directory, NET_PREFIX))
-    return lambda X: out_scaler.inverse_transform(net(in_scaler.transform(X)))
+    return lambda X: out_scaler.inverse_transform(
+        net(in_scaler.transform(np.asarray(X).astype(dtype, copy=False)))
+    )

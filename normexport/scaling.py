@@ -22,6 +22,10 @@ SCALERS_FORMAT = "normexport.scalers/1"
 DTYPES = ("float32", "float64")
 
 
+class NotFittedError(DataError, AttributeError):
+    """A scaler is used before ``fit`` (an ``AttributeError`` too, so ``hasattr`` works)."""
+
+
 class AffineScaler:
     """A fitted or given per-column affine map; the base of every scaler.
 
@@ -78,6 +82,16 @@ class AffineScaler:
 
     # ---------------------------------------------------------------- the affine maps
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when the attribute is missing: a fitted attribute (``columns_``,
+        # ``scale_``, ...) of a scaler that was never fitted.
+        if name.endswith("_") and not name.startswith("_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet (it has no {name}); "
+                "call fit(X) before using it"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def is_fitted(self) -> bool:
         return hasattr(self, "scale_")
@@ -93,9 +107,18 @@ class AffineScaler:
         return self.inverse_scale_, self.inverse_shift_
 
     def span(self) -> np.ndarray:
-        """Raw-unit width of each column's normalized range (the data range for min-max,
-        one standard deviation for z-scores): the yardstick for range-relative errors."""
+        """Each column's range in raw units: the yardstick for range-relative errors.
+
+        The fitted data range (min-max and z-score scalers); for given factors, the raw
+        width that maps onto one normalized unit. A constant column counts as 1.
+        """
+        data_range = self._data_range()
+        if data_range is not None:
+            return np.where(data_range > 0, data_range, 1.0)
         return np.abs(self.inverse_affine()[0]) * self._normalized_width()
+
+    def _data_range(self) -> np.ndarray | None:
+        return None
 
     def _normalized_width(self) -> float:
         return 1.0
@@ -129,7 +152,7 @@ class AffineScaler:
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:
-            raise DataError(
+            raise NotFittedError(
                 f"this {type(self).__name__} is not fitted yet; call fit(X) before using it"
             )
 
@@ -167,6 +190,10 @@ class AffineScaler:
         out: dict[str, Any] = {"kind": self.kind, "columns": list(self.columns_)}
         out.update(self._settings())
         out.update({k: v.tolist() for k, v in self._statistics().items()})
+        for key in self._optional_statistics:
+            value = getattr(self, key + "_", None)
+            if value is not None:
+                out[key] = value.tolist()
         out.update(
             scale=self.scale_.tolist(),
             shift=self.shift_.tolist(),
@@ -207,6 +234,8 @@ class AffineScaler:
         self._load_settings(obj, source)
         for key in cls._statistic_names:
             setattr(self, key + "_", arrays[key])
+        for key in cls._optional_statistics:
+            setattr(self, key + "_", _vector(obj, key, n, source) if key in obj else None)
         self.scale_, self.shift_ = arrays["scale"], arrays["shift"]
         self.inverse_scale_ = arrays["inverse_scale"]
         self.inverse_shift_ = arrays["inverse_shift"]
@@ -216,6 +245,7 @@ class AffineScaler:
         return self
 
     _statistic_names: ClassVar[tuple[str, ...]] = ()
+    _optional_statistics: ClassVar[tuple[str, ...]] = ()
 
     def _statistics(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k + "_") for k in self._statistic_names}
@@ -276,6 +306,9 @@ class MinMaxScaler(AffineScaler):
     def data_range_(self) -> np.ndarray:
         return self.data_max_ - self.data_min_
 
+    def _data_range(self) -> np.ndarray:
+        return self.data_range_
+
     def _settings(self) -> dict[str, Any]:
         return {"feature_range": list(self.feature_range)}
 
@@ -303,8 +336,11 @@ class StandardScaler(AffineScaler):
 
     kind: ClassVar[str] = "standard"
     _statistic_names = ("mean", "std")
+    _optional_statistics = ("data_min", "data_max")  # absent from files of version 0.1
     mean_: np.ndarray
     std_: np.ndarray
+    data_min_: np.ndarray | None
+    data_max_: np.ndarray | None
 
     def __init__(self) -> None:
         pass
@@ -314,6 +350,8 @@ class StandardScaler(AffineScaler):
     ) -> StandardScaler:
         X, names = _prepare_fit(X, columns, type(self).__name__)
         self.mean_, self.std_ = X.mean(axis=0), X.std(axis=0)
+        # the range is not part of the map, but it is each column's yardstick for errors
+        self.data_min_, self.data_max_ = X.min(axis=0), X.max(axis=0)
         constant = self.std_ == 0
         scale = 1.0 / np.where(constant, 1.0, self.std_)
         self._finish_fit(scale, -self.mean_ * scale, names, constant, target)
@@ -321,6 +359,11 @@ class StandardScaler(AffineScaler):
 
     def _constant_columns(self) -> list[str]:
         return [c for c, s in zip(self.columns_, self.std_, strict=True) if s == 0]
+
+    def _data_range(self) -> np.ndarray | None:
+        if self.data_min_ is None or self.data_max_ is None:
+            return None  # a scalers file written before the range was recorded: one std
+        return self.data_max_ - self.data_min_
 
 
 # ------------------------------------------------------------------------ the scalers file
@@ -358,11 +401,19 @@ def scalers_from_dict(obj: Any, source: str = "scalers") -> tuple[AffineScaler, 
 
 
 def factors_to_scalers(
-    factors: Any, n_inputs: int, n_outputs: int, source: str = "factors"
+    factors: Any,
+    n_inputs: int,
+    n_outputs: int,
+    source: str = "factors",
+    *,
+    inputs: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
 ) -> tuple[AffineScaler, AffineScaler]:
     """Split a side-file array of ``(scale, shift)`` rows into the two scalers.
 
     The first ``n_inputs`` rows normalize the inputs; the rest de-normalize the outputs.
+    ``inputs`` and ``targets`` name the columns (a factors file holds no names); without
+    them they are ``x0, x1, ...`` and ``y0, y1, ...`` (see :func:`unnamed_hint`).
     """
     factors = np.asarray(factors, dtype=np.float64)
     if factors.ndim == 1 and factors.size == 2:
@@ -374,12 +425,50 @@ def factors_to_scalers(
             f"{source}: {factors.shape[0]} rows, but the network has {n_inputs} inputs and "
             f"{n_outputs} outputs ({n_inputs + n_outputs} rows expected)"
         )
+    in_names = _given_names(inputs, n_inputs, "inputs", "input", source, n_inputs + n_outputs)
+    out_names = _given_names(targets, n_outputs, "targets", "output", source, n_inputs + n_outputs)
+    if inputs is not None and targets is not None:
+        both = set(in_names) & set(out_names)
+        if both:
+            raise DataError(f"column {sorted(both)[0]!r} is named both an input and a target")
     ins, outs = factors[:n_inputs], factors[n_inputs:]
-    in_sc = AffineScaler.from_affine(ins[:, 0], ins[:, 1], columns=_default_names("x", n_inputs))
-    out_sc = AffineScaler.from_affine(
-        outs[:, 0], outs[:, 1], columns=_default_names("y", n_outputs), inverse=True
-    )
+    in_sc = AffineScaler.from_affine(ins[:, 0], ins[:, 1], columns=in_names)
+    out_sc = AffineScaler.from_affine(outs[:, 0], outs[:, 1], columns=out_names, inverse=True)
     return in_sc, out_sc
+
+
+def _given_names(
+    names: Sequence[str] | None, n: int, option: str, side: str, source: str, rows: int
+) -> list[str]:
+    if names is None:
+        return _default_names("x" if side == "input" else "y", n)
+    if isinstance(names, str):
+        raise DataError(f"{option} must be a list of names, not a single string")
+    names = [str(c) for c in names]
+    if len(names) != n:
+        raise DataError(
+            f"--{option} names {len(names)} column(s) ({', '.join(names)}), but the network "
+            f"has {n} {side}(s) ({source}: {rows} rows of factors)"
+        )
+    if len(set(names)) != n or not all(names):
+        raise DataError(f"--{option}: names must be distinct and non-empty, got {names}")
+    return names
+
+
+def unnamed_hint(in_scaler: AffineScaler, out_scaler: AffineScaler) -> str | None:
+    """How to name the columns, when they carry the default names of a factors file
+    (``x0, x1, ...`` and ``y0, y1, ...``); None when they have real names."""
+    unnamed_in = list(in_scaler.columns_) == _default_names("x", in_scaler.n_features_in_)
+    unnamed_out = list(out_scaler.columns_) == _default_names("y", out_scaler.n_features_in_)
+    if not (unnamed_in or unnamed_out):
+        return None
+    ins = ",".join(f"IN{i + 1}" for i in range(in_scaler.n_features_in_))
+    outs = ",".join(f"OUT{i + 1}" for i in range(out_scaler.n_features_in_))
+    return (
+        f"the columns carry placeholder names ({', '.join(in_scaler.columns_)} -> "
+        f"{', '.join(out_scaler.columns_)}), as a factors file has none; give the real ones "
+        f"with --inputs {ins} --targets {outs} (in the factors file's row order)"
+    )
 
 
 # ------------------------------------------------------------------------ validation

@@ -38,6 +38,7 @@ DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-12}
 CHUNK_ROWS = 65536
 REFERENCE_ROWS = 256  # onnx.reference is a slow pure-Python runtime: a sample suffices
 RANDOM_ROWS = 1024  # rows drawn when no data is given
+PROBE = "numpy (float32)"  # a float32 evaluation: how much rounding the network amplifies
 
 
 @dataclass
@@ -54,7 +55,15 @@ class PairResult:
 
 @dataclass
 class VerificationReport:
-    """Structured, JSON-serializable result of :func:`verify_directory`."""
+    """Structured, JSON-serializable result of :func:`verify_directory`.
+
+    ``reference`` names the runtime every other one is measured against (the float64
+    NumPy evaluation, for a float32 network); empty when every pair is compared.
+    ``rounding`` is how far a float32 evaluation of the network lies from its float64
+    evaluation, per output and relative to its range; when that forced a looser
+    tolerance than ``rtol_default``, ``loosened`` says so. ``warnings`` are the sanity
+    checks of :func:`sanity_warnings`.
+    """
 
     ok: bool
     dtype: str
@@ -67,6 +76,11 @@ class VerificationReport:
     runtimes: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
     pairs: list[PairResult] = field(default_factory=list)
+    reference: str = ""
+    rtol_default: float | None = None
+    rounding: dict[str, float] = field(default_factory=dict)
+    loosened: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "normexport.verification/1", **asdict(self)}
@@ -74,7 +88,7 @@ class VerificationReport:
     def summary(self) -> dict[str, Any]:
         """The compact form stored in ``manifest.json``."""
         worst = max((max(p.max_rel.values()) for p in self.pairs), default=0.0)
-        return {
+        out: dict[str, Any] = {
             "ok": self.ok,
             "rows": self.rows,
             "rtol": self.rtol,
@@ -82,15 +96,34 @@ class VerificationReport:
             "skipped": self.skipped,
             "max_rel_error": worst,
         }
+        if self.reference:
+            out["reference"] = self.reference
+        if self.rounding:
+            out["float32_rounding"] = max(self.rounding.values())
+        if self.loosened:
+            out["rtol_default"] = self.rtol_default
+            out["loosened"] = self.loosened
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
 
     def table(self) -> str:
         """A readable table: one line per runtime pair and output."""
+        against = (
+            f"; each runtime against {self.reference} (a float64 evaluation)"
+            if self.reference
+            else ""
+        )
         lines = [
             f"verification: {self.rows} rows ({self.data_rows} data + {self.edge_rows} edge), "
-            f"{self.dtype}, tolerance {self.rtol:g} of each output's span",
-            f"{'runtime pair':<30} {'rows':>7}  {'output':<10} {'max abs err':>12} "
-            f"{'max rel err':>12}",
+            f"{self.dtype}, tolerance {self.rtol:g} of each output's range{against}",
         ]
+        if self.loosened:
+            lines.append(self.loosened)
+        lines.append(
+            f"{'runtime pair':<30} {'rows':>7}  {'output':<10} {'max abs err':>12} "
+            f"{'max rel err':>12}"
+        )
         for pair in self.pairs:
             for name in self.outputs:
                 rel = pair.max_rel[name]
@@ -101,6 +134,11 @@ class VerificationReport:
                 )
         for runtime, reason in self.skipped.items():
             lines.append(f"skipped {runtime}: {reason}")
+        if self.rounding and not self.loosened:
+            lines.append(
+                f"float32 rounding of this network: {max(self.rounding.values()):.3g} of range"
+            )
+        lines.extend(f"warning: {w}" for w in self.warnings)
         lines.append("result: " + ("PASS" if self.ok else "FAIL"))
         return "\n".join(lines)
 
@@ -140,6 +178,8 @@ def _training_box(scaler: AffineScaler) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(scaler, MinMaxScaler):
         return scaler.data_min_, scaler.data_max_
     if isinstance(scaler, StandardScaler):
+        if scaler.data_min_ is not None and scaler.data_max_ is not None:
+            return scaler.data_min_, scaler.data_max_
         return scaler.mean_ - 2 * scaler.std_, scaler.mean_ + 2 * scaler.std_
     # Given factors: the raw values that map to 0 and 1 in normalized space.
     ends = scaler.inverse_transform(
@@ -160,21 +200,22 @@ def compare(
     runtimes: dict[str, Callable[[], Runtime]],
     X: np.ndarray,
     *,
-    outputs: list[str],
-    span: np.ndarray,
+    n_outputs: int,
     dtype: str,
-    rtol: float,
     sample_only: frozenset[str] = frozenset(),
     optional: frozenset[str] = frozenset(),
+    reference: str | None = None,
+    probe: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
-) -> tuple[list[PairResult], dict[str, str]]:
-    """Run ``X`` through each runtime in turn and compare every pair.
+) -> tuple[_Tally, dict[str, str]]:
+    """Run ``X`` through each runtime in turn; fold the outputs into a :class:`_Tally`.
 
     ``runtimes`` maps names to *factories*: one runtime is loaded at a time, runs all
     rows in chunks, keeps only its outputs, and is released before the next loads, so
     a large model is in memory once, not once per runtime. Runtimes in ``sample_only``
     see only the first :data:`REFERENCE_ROWS` rows. A runtime in ``optional`` that
-    cannot be loaded is skipped (returned with the reason) instead of failing.
+    cannot be loaded or run (not installed, an op it does not know) is skipped and
+    returned with the reason instead of failing.
     """
     import gc
 
@@ -195,44 +236,59 @@ def compare(
             rows = X[:REFERENCE_ROWS] if name in sample_only else X
             try:
                 run = make()
+                parts = []
+                for chunk in _chunks(rows, chunk_rows):
+                    parts.append(_run_checked(name, run, chunk, n_outputs))
+                    bar.update(chunk.shape[0])
             except (ImportError, NotImplementedError) as exc:
                 if name not in optional:
                     raise
                 skipped[name] = first_line(exc)  # not installed, or an op it does not know
                 continue
-            parts = []
-            for chunk in _chunks(rows, chunk_rows):
-                parts.append(_run_checked(name, run, chunk, len(outputs)))
-                bar.update(chunk.shape[0])
             results[name] = np.concatenate(parts)
             del run, parts
             gc.collect()
-    return _pair_results(results, outputs, span, rtol, chunk_rows), skipped
-
-
-def _pair_results(
-    results: dict[str, np.ndarray],
-    outputs: list[str],
-    span: np.ndarray,
-    rtol: float,
-    chunk_rows: int,
-) -> list[PairResult]:
-    tally = _Tally(list(results), len(outputs))
+    tally = _Tally(list(results), n_outputs, reference=reference, probe=probe)
     n = max((len(r) for r in results.values()), default=0)
     for start in range(0, n, chunk_rows):
         tally.add({k: v[start : start + chunk_rows] for k, v in results.items()})
-    return tally.pairs(outputs, span, rtol)
+    return tally, skipped
 
 
 class _Tally:
     """Running per-pair, per-output maxima of disagreement: rows are folded in as they
     come, so nothing grows with the row count. A pair is compared on the rows both saw
-    (runtimes that see only a sample stop early)."""
+    (runtimes that see only a sample stop early).
 
-    def __init__(self, names: list[str], n_outputs: int) -> None:
-        self.pairs_ = list(itertools.combinations(names, 2))
+    With a ``reference`` among the runtimes, each other runtime is paired with it only;
+    otherwise every pair is compared. A ``probe`` runtime is paired with nobody: its
+    largest distance from the reference is kept as :attr:`probe_error` (the rounding of a
+    float32 evaluation). The output range seen by the first runtime is kept for the
+    sanity checks.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        n_outputs: int,
+        *,
+        reference: str | None = None,
+        probe: str | None = None,
+    ) -> None:
+        compared = [n for n in names if n != probe]
+        self.reference: str | None = None
+        if reference is not None and reference in compared:
+            self.pairs_ = [(n, reference) for n in compared if n != reference]
+            self.reference = reference
+        else:
+            self.pairs_ = list(itertools.combinations(compared, 2))
         self.worst = {pair: np.zeros(n_outputs) for pair in self.pairs_}
         self.rows = dict.fromkeys(self.pairs_, 0)
+        self.probe = probe if probe in names and self.reference else None
+        self.probe_error: np.ndarray | None = np.zeros(n_outputs) if self.probe else None
+        self.watched = self.reference or (compared[0] if compared else None)
+        self.low = np.full(n_outputs, np.inf)
+        self.high = np.full(n_outputs, -np.inf)
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         for a, b in self.pairs_:
@@ -241,10 +297,25 @@ class _Tally:
                 diff = _disagreement(outputs[a][:n], outputs[b][:n])
                 self.worst[(a, b)] = np.maximum(self.worst[(a, b)], diff.max(axis=0, initial=0.0))
                 self.rows[(a, b)] += n
+        if self.probe in outputs and self.reference in outputs:
+            assert self.probe and self.reference and self.probe_error is not None
+            n = min(len(outputs[self.probe]), len(outputs[self.reference]))
+            diff = _disagreement(outputs[self.probe][:n], outputs[self.reference][:n])
+            self.probe_error = np.maximum(self.probe_error, diff.max(axis=0, initial=0.0))
+        if self.watched in outputs:
+            values = outputs[self.watched]
+            with np.errstate(invalid="ignore"):
+                self.low = np.fmin(self.low, np.nanmin(values, axis=0, initial=np.inf))
+                self.high = np.fmax(self.high, np.nanmax(values, axis=0, initial=-np.inf))
 
-    def pairs(self, outputs: list[str], span: np.ndarray, rtol: float) -> list[PairResult]:
+    def pairs(
+        self, outputs: list[str], span: np.ndarray, rtol: float, skipped: Iterable[str] = ()
+    ) -> list[PairResult]:
+        gone = set(skipped)
         results = []
         for pair in self.pairs_:
+            if gone & set(pair):
+                continue
             rel = self.worst[pair] / span
             results.append(
                 PairResult(
@@ -263,18 +334,18 @@ def compare_stream(
     runtimes: dict[str, Callable[[], Runtime]],
     chunks: Iterable[np.ndarray],
     *,
-    outputs: list[str],
-    span: np.ndarray,
+    n_outputs: int,
     dtype: str,
-    rtol: float,
     sample_only: frozenset[str] = frozenset(),
     optional: frozenset[str] = frozenset(),
-) -> tuple[list[PairResult], dict[str, str], int]:
+    reference: str | None = None,
+    probe: str | None = None,
+) -> tuple[_Tally, dict[str, str], int]:
     """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
 
     Every runtime is loaded at once and each chunk runs through all of them before the
     next is read, so memory is bounded by a chunk (and the models), never by the rows.
-    Returns the pairs, the skipped runtimes and the number of rows.
+    Returns the tally, the skipped runtimes and the number of rows.
     """
     from tqdm.auto import tqdm
 
@@ -287,7 +358,7 @@ def compare_stream(
             if name not in optional:
                 raise
             skipped[name] = first_line(exc)
-    tally = _Tally(list(loaded), len(outputs))
+    tally = _Tally(list(loaded), n_outputs, reference=reference, probe=probe)
     seen = 0
     with tqdm(
         desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
@@ -296,14 +367,20 @@ def compare_stream(
         for chunk in chunks:
             chunk = chunk.astype(dtype, copy=False)
             results = {}
-            for name, run in loaded.items():
+            for name, run in list(loaded.items()):
                 rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in sample_only else chunk
                 if len(rows):
-                    results[name] = _run_checked(name, run, rows, len(outputs))
+                    try:
+                        results[name] = _run_checked(name, run, rows, n_outputs)
+                    except NotImplementedError as exc:
+                        if name not in optional:
+                            raise
+                        skipped[name] = first_line(exc)
+                        del loaded[name]
             tally.add(results)
             seen += len(chunk)
             bar.update(len(chunk))
-    return tally.pairs(outputs, span, rtol), skipped, seen
+    return tally, skipped, seen
 
 
 def _run_checked(name: str, run: Runtime, rows: np.ndarray, n_outputs: int) -> np.ndarray:
@@ -385,7 +462,7 @@ def verify_directory(
     if table is not None:
         source: np.ndarray | Iterable[np.ndarray] = table
     elif X is None:
-        source = random_rows(in_scaler, RANDOM_ROWS, seed)
+        source = random_rows(in_scaler, rows or RANDOM_ROWS, seed)
     else:
         source = np.asarray(X, dtype=np.float64)
         if source.ndim != 2 or source.shape[1] != in_scaler.n_features_in_:
@@ -396,20 +473,26 @@ def verify_directory(
         if rows is not None and data is None and rows < source.shape[0]:
             pick = np.random.default_rng(seed).choice(source.shape[0], rows, replace=False)
             source = source[np.sort(pick)]
+    runtimes: dict[str, Callable[[], Runtime]] = {
+        "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
+        "mxnet": lambda: _mxnet_runtime(directory, dtype),
+        "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),  # float64
+        "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
+    }
+    float32 = dtype == "float32"
+    if float32:  # the float64 evaluation is the yardstick; a float32 one shows the rounding
+        runtimes[PROBE] = lambda: numpy_runtime(directory, in_scaler, out_scaler, "float32")
     return check_rows(
-        {
-            "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
-            "mxnet": lambda: _mxnet_runtime(directory, dtype),
-            "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),
-            "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
-        },
+        runtimes,
         source,
         in_scaler,
         out_scaler,
         dtype=dtype,
         rtol=rtol,
         sample_only=frozenset({"onnx.reference"}),
-        optional=frozenset({"mxnet", "numpy", "onnx.reference"}),
+        optional=frozenset({"mxnet", "numpy", "onnx.reference", PROBE}),
+        reference="numpy" if float32 else None,
+        probe=PROBE if float32 else None,
         chunk_rows=chunk_rows,
     )
 
@@ -452,34 +535,47 @@ def check_rows(
     input_dtype: str | None = None,
     sample_only: frozenset[str] = frozenset(),
     optional: frozenset[str] = frozenset(),
+    reference: str | None = None,
+    probe: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> VerificationReport:
     """Edge rows of ``in_scaler`` plus ``data`` through every runtime; the report.
 
     ``data`` is an array, or an iterable of row chunks that is streamed (see
     :func:`compare_stream`). ``dtype`` picks the default tolerance; rows are fed as
-    ``input_dtype`` (default ``dtype``). Passing needs every pair within tolerance and at
-    least two runtimes.
+    ``input_dtype`` (default ``dtype``). With a ``reference`` runtime, every other runtime
+    is measured against it alone (else every pair is compared); a ``probe`` runtime (a
+    float32 evaluation) measures the rounding the network itself causes, which sets the
+    tolerance when it exceeds the default and no ``rtol`` is given (see
+    :func:`tolerance`). Passing needs every pair within tolerance and at least two
+    compared runtimes. The report carries :func:`sanity_warnings` on the data rows.
     """
     edges = edge_rows(in_scaler)
-    tolerance = DEFAULT_RTOL[dtype] if rtol is None else float(rtol)
     span = out_scaler.span()
+    watch = _InputWatch(in_scaler)
     common = {
-        "outputs": list(out_scaler.columns_),
-        "span": span,
+        "n_outputs": out_scaler.n_features_in_,
         "dtype": input_dtype or dtype,
-        "rtol": tolerance,
         "sample_only": sample_only,
         "optional": optional,
+        "reference": reference,
+        "probe": probe,
     }
     if isinstance(data, np.ndarray):
+        watch.add(data)
         all_rows = np.concatenate([edges, data])  # edges first: sampled runtimes see them
-        pairs, skipped = compare(runtimes, all_rows, chunk_rows=chunk_rows, **common)  # type: ignore[arg-type]
+        tally, skipped = compare(runtimes, all_rows, chunk_rows=chunk_rows, **common)  # type: ignore[arg-type]
         n_rows = int(all_rows.shape[0])
     else:
-        stream = itertools.chain([edges], data)
-        pairs, skipped, n_rows = compare_stream(runtimes, stream, **common)  # type: ignore[arg-type]
-    loaded = [n for n in runtimes if n not in skipped]
+        stream = itertools.chain([edges], watch.watch(data))
+        tally, skipped, n_rows = compare_stream(runtimes, stream, **common)  # type: ignore[arg-type]
+    rounding = None if tally.probe_error is None else tally.probe_error / span
+    tolerance, loosened = _tolerance(dtype, rtol, rounding)
+    pairs = tally.pairs(list(out_scaler.columns_), span, tolerance, skipped)
+    loaded = [n for n in runtimes if n not in skipped and n != probe]
+    warnings = watch.warnings() + _constant_output_warning(
+        tally.low, tally.high, span, out_scaler.columns_, n_rows
+    )
     return VerificationReport(
         ok=all(p.ok for p in pairs) and len(loaded) >= 2,
         dtype=dtype,
@@ -490,8 +586,152 @@ def check_rows(
         outputs=list(out_scaler.columns_),
         output_span=dict(zip(out_scaler.columns_, span.tolist(), strict=True)),
         runtimes=loaded,
-        skipped=skipped,
+        skipped={k: v for k, v in skipped.items() if k != probe},
         pairs=pairs,
+        reference=tally.reference or "",
+        rtol_default=DEFAULT_RTOL[dtype],
+        rounding={}
+        if rounding is None
+        else dict(zip(out_scaler.columns_, rounding.tolist(), strict=True)),
+        loosened=loosened,
+        warnings=warnings,
+    )
+
+
+# A float32 runtime's distance from the float64 evaluation is its own rounding; a
+# second float32 evaluation (NumPy's) shows how large that is for this network.
+# Runtimes sum in other orders, so they may round a few times worse than it.
+ROUNDING_MARGIN = 4.0
+MAX_LOOSENED_RTOL = 1e-3  # beyond this a float32 network is too ill-conditioned to vouch for
+
+
+def tolerance(dtype: str, rtol: float | None, rounding: Any = None) -> float:
+    """The tolerance verification applies (see :func:`_tolerance`)."""
+    return _tolerance(dtype, rtol, None if rounding is None else np.asarray(rounding))[0]
+
+
+def _tolerance(dtype: str, rtol: float | None, rounding: np.ndarray | None) -> tuple[float, str]:
+    """``rtol`` if given; else the dtype's default, loosened, and said so, only when a
+    float32 evaluation of the network itself misses its float64 evaluation by more than
+    the default allows (times :data:`ROUNDING_MARGIN`, at most
+    :data:`MAX_LOOSENED_RTOL`)."""
+    default = DEFAULT_RTOL[dtype]
+    if rtol is not None:
+        return float(rtol), ""
+    if rounding is None or not rounding.size or not np.all(np.isfinite(rounding)):
+        return default, ""
+    worst = float(rounding.max())
+    if ROUNDING_MARGIN * worst <= default:
+        return default, ""
+    loosened = min(ROUNDING_MARGIN * worst, MAX_LOOSENED_RTOL)
+    capped = (
+        f" (capped at {MAX_LOOSENED_RTOL:g}: train this network in float64)"
+        if loosened < ROUNDING_MARGIN * worst
+        else ""
+    )
+    return loosened, (
+        f"tolerance loosened from {default:g} to {loosened:.3g}{capped}: a float32 "
+        f"evaluation of this network lies {worst:.3g} of range from its float64 evaluation "
+        "(its layers amplify rounding); give rtol to choose the tolerance yourself"
+    )
+
+
+# ------------------------------------------------------------------------------- sanity
+
+# Normalized values beyond these bands, in most data rows, mean the factors are wrong.
+FAR_BANDS = {"minmax": (-1.0, 2.0), "standard": (-10.0, 10.0), "affine": (-10.0, 11.0)}
+CONSTANT_SPREAD = 1e-6  # an output varying less than this share of its range is constant
+_CAUSE = (
+    "the factors may hold (min, max) rows in place of (scale, shift), or their two "
+    "columns may be swapped (normalizing is x * scale + shift)"
+)
+
+
+class _InputWatch:
+    """Per input column, how many data rows normalize far outside the usual band, and
+    the normalized range seen: folded in chunk by chunk (see :func:`sanity_warnings`)."""
+
+    def __init__(self, in_scaler: AffineScaler) -> None:
+        self.scaler = in_scaler
+        kind = in_scaler.kind if in_scaler.kind in FAR_BANDS else "affine"
+        self.kind = kind
+        low, high = FAR_BANDS[kind]
+        if kind == "minmax":  # the band is relative to the feature range
+            f_low, f_high = in_scaler.feature_range
+            width = f_high - f_low
+            low, high = f_low + low * width, f_low + high * width
+        self.band = (low, high)
+        n = in_scaler.n_features_in_
+        self.rows = 0
+        self.far = np.zeros(n, dtype=np.int64)
+        self.low = np.full(n, np.inf)
+        self.high = np.full(n, -np.inf)
+
+    def add(self, X: np.ndarray) -> None:
+        if not len(X):
+            return
+        scale, shift = self.scaler.affine()
+        with np.errstate(all="ignore"):
+            Xn = np.asarray(X, dtype=np.float64) * scale + shift
+        self.rows += len(Xn)
+        self.far += np.sum((Xn < self.band[0]) | (Xn > self.band[1]), axis=0)
+        self.low = np.fmin(self.low, np.nanmin(Xn, axis=0))
+        self.high = np.fmax(self.high, np.nanmax(Xn, axis=0))
+
+    def watch(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for chunk in chunks:
+            self.add(chunk)
+            yield chunk
+
+    def warnings(self) -> list[str]:
+        if not self.rows:
+            return []
+        bad = [j for j in range(self.far.size) if self.far[j] * 2 > self.rows]
+        if not bad:
+            return []
+        j = max(bad, key=lambda k: max(abs(self.low[k]), abs(self.high[k])))
+        kind = {"minmax": "min-max", "standard": "z-score", "affine": "given"}[self.kind]
+        return [
+            f"the normalized inputs lie far outside [{self.band[0]:g}, {self.band[1]:g}] "
+            f"({kind} factors) in most of the {self.rows} data rows (column "
+            f"{self.scaler.columns_[j]!r}: {self.low[j]:.4g} to {self.high[j]:.4g}"
+            + (f"; {len(bad)} columns in all" if len(bad) > 1 else "")
+            + f"): {_CAUSE}"
+        ]
+
+
+def _constant_output_warning(
+    low: np.ndarray, high: np.ndarray, span: np.ndarray, columns: list[str], rows: int
+) -> list[str]:
+    if not np.all(np.isfinite(low) & np.isfinite(high)):
+        return []
+    if not np.all(high - low <= CONSTANT_SPREAD * span):
+        return []
+    values = ", ".join(f"{c} = {v:.6g}" for c, v in zip(columns, low.tolist(), strict=True))
+    return [
+        f"the model's output is constant over the {rows} verification rows ({values}): "
+        f"normalized inputs far from the training range saturate the network; {_CAUSE}"
+    ]
+
+
+def sanity_warnings(
+    in_scaler: AffineScaler,
+    out_scaler: AffineScaler,
+    X: np.ndarray,
+    Y: np.ndarray,
+) -> list[str]:
+    """One-line warnings about a model that verifies but is likely wrong: raw input rows
+    ``X`` that normalize far outside the usual band in most rows (min-max: more than one
+    range beyond [0, 1]; z-score: beyond ±10; given factors: beyond [-10, 11]), or
+    outputs ``Y`` that are constant (each varies by less than 1e-6 of its range). Both
+    name the likely cause: factors holding (min, max) instead of (scale, shift), or
+    with their columns swapped. :func:`check_rows` puts these in every report.
+    """
+    watch = _InputWatch(in_scaler)
+    watch.add(np.asarray(X, dtype=np.float64))
+    Y = np.asarray(Y, dtype=np.float64)
+    return watch.warnings() + _constant_output_warning(
+        np.nanmin(Y, axis=0), np.nanmax(Y, axis=0), out_scaler.span(), out_scaler.columns_, len(Y)
     )
 
 

@@ -410,6 +410,8 @@ def demo_options() -> dict[str, Any]:
     }
     if "lr_schedule" in inspect.signature(train).parameters:
         options["lr_schedule"] = "cosine"
+    if "patience" in inspect.signature(train).parameters:
+        options["patience"] = None  # as the demo: the cosine schedule runs every epoch
     return options
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from conftest import smooth_problem
 
 from normexport.errors import DataError
-from normexport.mx.training import train
+from normexport.mx.training import MIN_IMPROVEMENT, default_batch_size, train
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def test_summary_is_json_ready(learned):
     summary = json.loads(json.dumps(learned.summary()))
     assert summary["best_epoch"] == learned.best_epoch
     assert set(summary["holdout_rmse"]) == {"y0", "y1"}
-    assert len(summary["history"]) == summary["settings"]["epochs"]
+    assert len(summary["history"]) == summary["epochs_run"] <= summary["settings"]["epochs"]
+    assert summary["settings"]["batch_size"] == 32  # 1600 training rows: the smallest
+    assert summary["stopped"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -63,6 +65,8 @@ def test_same_seed_same_weights(dtype):
         ({"epochs": 0}, "epochs and batch size"),
         ({"val_fraction": 1.0}, "val_fraction must be in"),
         ({"hidden": (0,)}, "hidden sizes must be positive"),
+        ({"patience": 0}, "patience must be >= 1"),
+        ({"batch_size": 0}, "epochs and batch size"),
     ],
 )
 def test_refuses_bad_settings(kwargs, message):
@@ -90,3 +94,39 @@ def test_without_hold_out_rows_the_rmse_says_it_is_on_training_rows():
     assert result.rmse_on == "training"
     summary = result.summary()
     assert "training_rmse" in summary and "holdout_rmse" not in summary
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    """Training stops once the hold-out loss has not improved by 0.1% for `patience`
+    epochs; the weights are those of the best epoch, as without early stopping."""
+    X, Y = smooth_problem(300, seed=2)
+    stopped = train(X, Y, epochs=400, patience=3, lr=0.05, progress=False, seed=1)
+    epochs = len(stopped.history)
+    assert epochs < 400 and "stopped early" in stopped.settings["stopped"]
+    losses = [h["val_loss"] for h in stopped.history]
+    assert stopped.best_epoch == 1 + int(np.argmin(losses))
+    # the last `patience` epochs brought no improvement of 0.1% on the mark before them
+    mark = min(losses[: epochs - 3])
+    assert all(v >= mark * (1 - MIN_IMPROVEMENT) for v in losses[epochs - 3 :])
+    # the kept weights are the best epoch's: their hold-out MSE is the smallest
+    error = (stopped.holdout_pred - stopped.holdout_true) * stopped.out_scaler.scale_
+    assert np.mean(error**2) == pytest.approx(min(losses), rel=1e-9)
+    # the same seed without early stopping runs every epoch, through the same first ones
+    full = train(X, Y, epochs=epochs + 5, patience=None, lr=0.05, progress=False, seed=1)
+    assert len(full.history) == epochs + 5
+    assert [h["val_loss"] for h in full.history[:epochs]] == losses
+    assert full.settings["stopped"].startswith("reached the maximum")
+
+
+def test_without_hold_out_rows_every_epoch_runs():
+    X, Y = smooth_problem(100)
+    result = train(X, Y, epochs=6, patience=1, val_fraction=0.0, progress=False)
+    assert len(result.history) == 6 and result.settings["patience"] is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "size"),
+    [(100, 32), (4096, 32), (4097, 64), (40_000, 512), (10**6, 1024)],
+)
+def test_default_batch_size_grows_with_the_rows(rows, size):
+    assert default_batch_size(rows) == size

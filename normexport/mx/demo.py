@@ -57,6 +57,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool | None = No
         batch_size=BATCH_SIZE,
         lr=LR,
         lr_schedule="cosine",
+        patience=None,  # the cosine schedule is planned for every epoch
         progress=progress,
     )
     export_directory(out, mode="splice")

@@ -12,9 +12,11 @@ protobuf's 2 GB limit. The values are written afterwards, one tensor at a time, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 from mxnet.onnx import export_model
+from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 
 from normexport import onnxkit
 from normexport.errors import GraphError, first_line
@@ -49,20 +52,65 @@ def export_graph(
         level = logger.level
         logger.setLevel(logging.WARNING)
         try:
-            export_model(
-                symbol,
-                hollow,
-                in_shapes=[(1, n_inputs)],
-                in_types=[np.dtype(dtype)],
-                onnx_file_path=path,
-                dynamic=True,
-                dynamic_input_shapes=[(BATCH, n_inputs)],
-            )
+            with _translation_opset_check():
+                export_model(
+                    symbol,
+                    hollow,
+                    in_shapes=[(1, n_inputs)],
+                    in_types=[np.dtype(dtype)],
+                    onnx_file_path=path,
+                    dynamic=True,
+                    dynamic_input_shapes=[(BATCH, n_inputs)],
+                )
         except Exception as exc:  # the exporter raises bare AttributeError/ValueError/...
             raise GraphError(f"MXNet's ONNX exporter failed: {first_line(exc)}") from exc
         finally:
             logger.setLevel(level)
         return onnx.load(path)
+
+
+_CHECK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _translation_opset_check() -> Iterator[None]:
+    """Let the exporter check its graph against the opset its rules translate with.
+
+    ``export_model`` translates ops with opset 12/13 rules, then runs
+    ``onnx.checker.check_graph`` against the newest opset of the installed onnx, which
+    refuses valid opset-13 translations (LayerNorm's ``ReduceMean`` with an ``axes``
+    attribute: "Unrecognized attribute: axes for operator ReduceMean", since opset 18
+    takes axes as an input). For the duration of the call, the check runs at opset 13,
+    the rules actually used; :func:`normexport.passes.set_opset` stamps that opset and
+    our own full check of the finished file runs after post-processing.
+    """
+    original = onnx.checker.check_graph
+
+    def check_graph(graph: Any, ctx: Any = None, *args: Any, **kwargs: Any) -> None:
+        context = onnx.checker.C.CheckerContext()
+        context.ir_version = onnx.IR_VERSION
+        context.opset_imports = {"": DEFAULT_OPSET}
+        original(graph, context, *args, **kwargs)
+
+    with _CHECK_LOCK:
+        onnx.checker.check_graph = check_graph
+        try:
+            yield
+        finally:
+            onnx.checker.check_graph = original
+
+
+def _convert_erf(node: dict[str, Any], **kwargs: Any) -> list[onnx.NodeProto]:
+    """MXNet's ``erf`` as ONNX ``Erf`` (the exporter of mxnet 1.9.1 has no rule for it;
+    :func:`normexport.mx.graph.for_inference` writes float64 GELU with it)."""
+    outputs = kwargs["outputs_lookup"]
+    source = node["inputs"][0]
+    name = node["name"]
+    return [onnx.helper.make_node("Erf", [outputs[source[0]][source[1]].name], [name], name=name)]
+
+
+if "erf" not in MXNetGraph.registry_.get(DEFAULT_OPSET, {}):
+    MXNetGraph.register("erf", DEFAULT_OPSET)(_convert_erf)
 
 
 class _Unfilled(Sequence[float]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,21 @@ import numpy as np
 
 from normexport import files, tables
 from normexport.affine import SPLICED, load_factors
-from normexport.errors import DataError, GraphError, NormexportError, VerificationError
+from normexport.errors import (
+    DataError,
+    GraphError,
+    NormexportError,
+    VerificationError,
+    first_line,
+)
 from normexport.modeldir import (
     MODEL_PREFIX,
     NET_PREFIX,
     ONNX_FILE,
     REPORT_DIR,
     SCALERS_FILE,
+    carry_over,
+    is_model_directory,
     load_scalers,
     model_directory,
     read_manifest,
@@ -60,6 +69,9 @@ def export(
     *,
     mode: str = "splice",
     opset: int = 13,
+    rtol: float | None = None,
+    force: bool = False,
+    strict: bool = False,
     verify_rows: np.ndarray | None = None,
     training: dict[str, Any] | None = None,
 ) -> Path:
@@ -73,7 +85,21 @@ def export(
     random rows over the training range) before it is swapped into place, and a
     failing verification raises :class:`~normexport.errors.VerificationError`
     leaving any previous directory untouched.
+
+    ``rtol`` sets the verification tolerance on range-relative error (default: 1e-5 in
+    float32, measured against a float64 evaluation, and 1e-12 in float64; a float32
+    network whose own rounding exceeds that gets a looser one, with a warning).
+    ``out_dir`` may hold an earlier export of the same network (same symbol, parameters
+    and columns), which is replaced; a different network there is an error unless
+    ``force``. Sanity warnings (constant output, inputs normalizing far outside the
+    usual range: see :func:`normexport.verification.sanity_warnings`) are issued as
+    ``UserWarning``; ``strict`` makes them errors.
     """
+    for name, scaler in (("in_scaler", in_scaler), ("out_scaler", out_scaler)):
+        if not isinstance(scaler, AffineScaler):
+            raise DataError(f"{name} must be a normexport scaler, got {type(scaler).__name__}")
+        if not scaler.is_fitted:
+            raise DataError(f"{name} ({type(scaler).__name__}) is not fitted; call fit(X) first")
     return _export(
         lambda: _as_checkpoint(model),
         in_scaler,
@@ -81,6 +107,9 @@ def export(
         Path(out_dir),
         mode=mode,
         opset=opset,
+        rtol=rtol,
+        force=force,
+        strict=strict,
         verify_rows=verify_rows,
         training=training,
         write_net=True,
@@ -95,6 +124,9 @@ def _export(
     *,
     mode: str,
     opset: int,
+    rtol: float | None,
+    force: bool,
+    strict: bool,
     verify_rows: np.ndarray | None,
     training: dict[str, Any] | None,
     write_net: bool,
@@ -104,6 +136,8 @@ def _export(
     directory's own ``net-*`` (re-exporting a trained directory need not rewrite it)."""
     if mode not in MODES:
         raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if rtol is not None and not (0 < rtol < 1):
+        raise DataError(f"rtol must be in (0, 1), got {rtol}")
     check_opset(opset)
     checkpoint = load()
     info = graph.describe(checkpoint, in_scaler.n_features_in_)
@@ -114,17 +148,22 @@ def _export(
         )
     out_scaler.check_target()
     scalers = scalers_to_dict(in_scaler, out_scaler, info.dtype)
-    with model_directory(out_dir) as stage, _stages(4) as step:
+    keep = [] if write_net else [f"{NET_PREFIX}-symbol.json", f"{NET_PREFIX}-0000.params"]
+    with model_directory(out_dir, keep=keep) as stage, _stages(4) as step:
         step(f"{mode}: MXNet model and ONNX conversion")
-        fold = _write_model_files(
-            stage, checkpoint, scalers, in_scaler, out_scaler, info, mode, opset, write_net
-        )
+        files.write_json(stage / SCALERS_FILE, scalers)
+        if write_net:
+            ckpt.save_checkpoint(checkpoint, stage, NET_PREFIX)
+        previous = _previous_export(out_dir, stage, force)
+        if previous is not None:
+            training = training or previous.get("training")
+        fold = _write_model_files(stage, checkpoint, in_scaler, out_scaler, info, mode, opset)
         # The checker and the runtimes load the model again: drop our copy first.
         del checkpoint
         step("onnx.checker (full check)")
         check(stage / ONNX_FILE)
         step("verification")
-        report = verify_directory(stage, verify_rows)
+        report = verify_directory(stage, verify_rows, rtol=rtol)
         step("manifest")
         write_manifest(
             stage,
@@ -143,13 +182,74 @@ def _export(
             raise VerificationError(
                 "verification failed; the export was not written\n" + report.table()
             )
+        if strict and report.warnings:
+            raise DataError(f"--strict: {report.warnings[0]}; the export was not written")
+        for line in ([report.loosened] if report.loosened else []) + report.warnings:
+            warnings.warn(f"{out_dir}: {line}", UserWarning, stacklevel=3)
     return out_dir
 
 
+def _previous_export(out_dir: Path, stage: Path, force: bool) -> dict[str, Any] | None:
+    """What an earlier export of the same network in ``out_dir`` leaves to this one.
+
+    Same network (symbol, parameters and columns, compared with the new ``net-*`` and
+    ``scalers.json`` in ``stage``): its training report is carried over and its manifest
+    returned. A different one is refused unless ``force`` (then nothing of it is kept).
+    No model directory there: None.
+    """
+    if not is_model_directory(out_dir):
+        return None
+    difference = _difference(out_dir, stage)
+    if difference:
+        if not force:
+            raise DataError(
+                f"{out_dir}: holds a model directory of a different network ({difference}); "
+                "choose another output directory, or give --force (force=True) to replace it"
+            )
+        return None
+    manifest = read_manifest(out_dir) or {}
+    training = manifest.get("training") or {}
+    report = training.get("report") if isinstance(training, dict) else None
+    carry = [p for p in report if isinstance(p, str)] if isinstance(report, list) else []
+    nested = [d.name for d in out_dir.iterdir() if is_model_directory(d)]
+    carry_over(out_dir, stage, [*carry, *nested])
+    return manifest
+
+
+def _difference(old: Path, new: Path) -> str:
+    """'' when the two directories hold the same network, else what differs."""
+    for name in (f"{NET_PREFIX}-symbol.json", f"{NET_PREFIX}-0000.params"):
+        if not (old / name).is_file():
+            return f"it has no {name}"
+        if files.sha256_file(old / name) != files.sha256_file(new / name):
+            return f"its {name} differs"
+    try:
+        old_in, old_out, _ = load_scalers(old / SCALERS_FILE)
+    except NormexportError as exc:
+        return f"its {SCALERS_FILE} is unreadable: {first_line(exc)}"
+    new_in, new_out, _ = load_scalers(new / SCALERS_FILE)
+    for side, a, b in (("input", old_in, new_in), ("output", old_out, new_out)):
+        if list(a.columns_) != list(b.columns_):
+            return (
+                f"its {side} columns are {', '.join(a.columns_)}, this export's "
+                f"{', '.join(b.columns_)}"
+            )
+    return ""
+
+
 def export_directory(
-    model_dir: str | os.PathLike[str], *, mode: str = "splice", opset: int = 13
+    model_dir: str | os.PathLike[str],
+    *,
+    mode: str = "splice",
+    opset: int = 13,
+    rtol: float | None = None,
+    strict: bool = False,
 ) -> Path:
-    """Re-export a directory written by :func:`train_to_directory` (``normexport export DIR``)."""
+    """Re-export a directory written by :func:`train_to_directory` (``normexport export DIR``).
+
+    Its ``net-*``, training report and training summary are kept; ``rtol`` and
+    ``strict`` as for :func:`export`.
+    """
     model_dir = Path(model_dir)
     repair(model_dir)  # a killed swap may have left DIR aside as .DIR.old-PID
     if model_dir.exists() and not model_dir.is_dir():
@@ -165,6 +265,9 @@ def export_directory(
         model_dir,
         mode=mode,
         opset=opset,
+        rtol=rtol,
+        force=False,
+        strict=strict,
         verify_rows=None,
         training=manifest.get("training") if manifest else None,
         write_net=False,
@@ -195,7 +298,7 @@ def train_to_directory(
     result = train(X, Y, in_scaler=in_scaler, out_scaler=out_scaler, **train_options)
     net_checkpoint = graph.from_block(result.net)
     dtype = result.settings["dtype"]
-    with model_directory(out_dir, keep=False) as stage:
+    with model_directory(out_dir) as stage:
         files.write_json(stage / SCALERS_FILE, scalers_to_dict(in_scaler, out_scaler, dtype))
         ckpt.save_checkpoint(net_checkpoint, stage, NET_PREFIX)
         (stage / REPORT_DIR).mkdir(exist_ok=True)
@@ -209,7 +312,7 @@ def train_to_directory(
             rows=result.rmse_on,
         )
         summary = result.summary()
-        summary["data"] = str(data_csv)
+        summary["data"] = str(Path(data_csv).resolve())
         summary["report"] = [f"{REPORT_DIR}/loss.png", f"{REPORT_DIR}/parity.png"]
         write_manifest(stage, {"dtype": dtype, "training": summary})
     return result
@@ -235,28 +338,26 @@ def _as_checkpoint(model: Any) -> Any:
 def _write_model_files(
     stage: Path,
     checkpoint: Any,
-    scalers: dict[str, Any],
     in_scaler: AffineScaler,
     out_scaler: AffineScaler,
     info: Any,
     mode: str,
     opset: int,
-    write_net: bool,
 ) -> dict[str, str]:
-    """scalers.json, net-*, model-* and model.onnx; returns the fold plan."""
+    """model-* and model.onnx (beside scalers.json and net-*); returns the fold plan."""
     in_affine, out_affine = in_scaler.affine(), out_scaler.inverse_affine()
+    inference = graph.for_inference(checkpoint, info.n_inputs)
     if mode == "fold":
-        model, plan = graph.fold(checkpoint, in_affine, out_affine)
+        model, plan = graph.fold(inference, in_affine, out_affine)
         fold = plan.to_dict()
     else:
-        model = graph.splice(checkpoint, in_affine, out_affine)
+        model = graph.splice(inference, in_affine, out_affine)
         fold = SPLICED.to_dict()
-    files.write_json(stage / SCALERS_FILE, scalers)
-    if write_net:
-        ckpt.save_checkpoint(checkpoint, stage, NET_PREFIX)
+    del inference
     ckpt.save_checkpoint(model, stage, MODEL_PREFIX)
     for stale in stage.glob(ONNX_FILE + "*"):
         stale.unlink()
+    scalers = files.read_json(stage / SCALERS_FILE)
     convert(
         model,
         stage / ONNX_FILE,
@@ -324,12 +425,23 @@ def export_files(
     *,
     scalers: str | os.PathLike[str] | None = None,
     factors: str | os.PathLike[str] | None = None,
+    inputs: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
     mode: str = "splice",
     opset: int = 13,
+    rtol: float | None = None,
+    force: bool = False,
+    strict: bool = False,
 ) -> Path:
-    """Export a checkpoint trained elsewhere, with a ``scalers.json`` or a factors file."""
+    """Export a checkpoint trained elsewhere, with a ``scalers.json`` or a factors file.
+
+    ``inputs`` and ``targets`` name the columns of a factors file (which has no names);
+    without them they are ``x0, ...`` and ``y0, ...``.
+    """
     if (scalers is None) == (factors is None):
         raise DataError("give exactly one of scalers or factors")
+    if scalers is not None and (inputs is not None or targets is not None):
+        raise DataError(f"{scalers} names the columns; --inputs and --targets go with --factors")
     model = ckpt.load_checkpoint(symbol, params)
     if scalers is not None:
         in_scaler, out_scaler, dtype = load_scalers(scalers)
@@ -354,6 +466,16 @@ def export_files(
         rows = load_factors(factors)
         info = graph.widths_from_total(model, len(rows))
         in_scaler, out_scaler = factors_to_scalers(
-            rows, info.n_inputs, info.n_outputs, str(factors)
+            rows, info.n_inputs, info.n_outputs, str(factors), inputs=inputs, targets=targets
         )
-    return export(model, in_scaler, out_scaler, out_dir, mode=mode, opset=opset)
+    return export(
+        model,
+        in_scaler,
+        out_scaler,
+        out_dir,
+        mode=mode,
+        opset=opset,
+        rtol=rtol,
+        force=force,
+        strict=strict,
+    )

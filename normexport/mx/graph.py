@@ -361,3 +361,279 @@ def fold(
     if plan.output == "spliced":
         folded = _splice_output(folded, info, out_affine)
     return folded, plan
+
+
+# ------------------------------------------------------------------------------ inference form
+
+# MXNet's own kernels for these LeakyReLU kinds compute in float32 even on float64 data
+# (measured on mxnet 1.9.1: leaky, prelu and gelu differ from the float64 formulas by
+# 1e-8 to 1e-7), so a float64 model spells them out in ops that are exact in float64.
+_FLOAT32_KERNELS = ("leaky", "prelu", "gelu")
+_DTYPE_CODES = {"float32": "0", "float64": "1"}  # MXNet's __dtype__ attribute values
+
+
+def for_inference(checkpoint: Checkpoint, n_inputs: int | None = None) -> Checkpoint:
+    """The network as it computes at inference, in ops that every runtime runs exactly.
+
+    - ``Dropout`` is the identity at inference and is removed (``mode='always'``, which
+      drops at inference too, is refused).
+    - An inference ``BatchNorm`` is folded into the ``FullyConnected`` layer before it
+      (``W' = diag(s) W``, ``b' = s b + t``) or after it (``W' = W diag(s)``,
+      ``b' = b + W t``), with ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean s``,
+      in float64 and cast once; where neither exists it becomes a
+      ``broadcast_mul``/``broadcast_add`` pair holding ``s`` and ``t``. (ONNX stores
+      BatchNormalization's epsilon as a float32 attribute, which costs a float64
+      network about 4e-10 of range.)
+    - In float64, ``LeakyReLU`` of kind leaky, prelu and gelu is spelled out as
+      ``relu(x) - a relu(-x)`` and ``0.5 x (1 + erf(x / sqrt 2))``: MXNet's own kernels
+      for them compute in float32 even on float64 data.
+
+    Slopes keep MXNet's values (its ``slope`` parameter is a float32), so the function
+    is the trained one. ``n_inputs`` is needed when the first op is not a
+    ``FullyConnected`` layer (see :func:`describe`). Returns a new checkpoint; a network
+    without these layers comes back unchanged.
+    """
+    kinds = {n["op"] for n in _nodes(checkpoint.symbol)}
+    if not kinds & {"Dropout", "BatchNorm", "LeakyReLU"}:
+        return checkpoint
+    return _InferenceRewrite(checkpoint, describe(checkpoint, n_inputs)).run()
+
+
+class _InferenceRewrite:
+    """One pass over the symbol's JSON that emits a new node list (:func:`for_inference`)."""
+
+    def __init__(self, checkpoint: Checkpoint, info: NetInfo) -> None:
+        symbol, self.arg_params, self.aux_params = checkpoint
+        self.info = info
+        self.doc = json.loads(symbol.tojson())
+        self.old: list[dict[str, Any]] = self.doc["nodes"]
+        self.shapes = _internal_shapes(checkpoint, info)
+        self.values: dict[str, np.ndarray] = {}  # changed or new parameters, float64
+        self.new: list[dict[str, Any]] = []
+        self.remap: dict[tuple[int, int], tuple[int, int]] = {}
+        self.readers: dict[int, list[int]] = {}  # node -> nodes reading it (-1: the output)
+        self.outputs_read: dict[int, int] = {}  # node -> how many of its outputs are read
+        for i, node in enumerate(self.old):
+            for ref in node["inputs"]:
+                self.readers.setdefault(ref[0], []).append(i)
+                self.outputs_read[ref[0]] = max(self.outputs_read.get(ref[0], 1), ref[1] + 1)
+        for ref in self.doc["heads"]:
+            self.readers.setdefault(ref[0], []).append(-1)
+            self.outputs_read[ref[0]] = max(self.outputs_read.get(ref[0], 1), ref[1] + 1)
+        self.fold_before: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # FC -> (s, t)
+
+    # -------------------------------------------------------------- emitting
+
+    def emit(self, node: dict[str, Any]) -> tuple[int, int]:
+        self.new.append(node)
+        return (len(self.new) - 1, 0)
+
+    def ref(self, old_ref: list[int]) -> list[int]:
+        """The new reference for an old ``[node, output(, version)]``."""
+        key = (old_ref[0], old_ref[1])
+        if key not in self.remap:  # a variable, emitted where it is first read
+            self.remap[key] = self.emit(dict(self.old[old_ref[0]]))
+        index, output = self.remap[key]
+        return [index, output, old_ref[2] if len(old_ref) > 2 else 0]
+
+    def op(self, op: str, name: str, inputs: list[list[int]], **attrs: str) -> list[int]:
+        node: dict[str, Any] = {"op": op, "name": name, "inputs": inputs}
+        if attrs:
+            node["attrs"] = attrs
+        return [*self.emit(node), 0]
+
+    def param(self, name: str, value: np.ndarray) -> list[int]:
+        if any(n["name"] == name for n in self.old) or name in self.values:
+            raise GraphError(f"the network already has a node named {name!r}")
+        self.values[name] = value
+        attrs = {"__dtype__": _DTYPE_CODES[self.info.dtype], "__shape__": str(value.shape)}
+        return [*self.emit({"op": "null", "name": name, "attrs": attrs, "inputs": []}), 0]
+
+    def value(self, ref: list[int]) -> np.ndarray:
+        """A parameter's current value (changed ones included), in float64."""
+        name = self.old[ref[0]]["name"]
+        if name in self.values:
+            return self.values[name]
+        source = self.arg_params.get(name, self.aux_params.get(name))
+        if source is None or self.old[ref[0]]["op"] != "null":
+            raise GraphError(f"{name} is not a parameter of the network")
+        return np.asarray(source.asnumpy(), dtype=np.float64)
+
+    def set_value(self, ref: list[int], value: np.ndarray) -> None:
+        self.values[self.old[ref[0]]["name"]] = value
+
+    # -------------------------------------------------------------- the pass
+
+    def run(self) -> Checkpoint:
+        handlers = {
+            "Dropout": self._dropout,
+            "BatchNorm": self._batchnorm,
+            "LeakyReLU": self._leaky_relu,
+            "FullyConnected": self._fully_connected,
+        }
+        for i, node in enumerate(self.old):
+            if node["op"] != "null":
+                handlers.get(node["op"], self._copy)(i, node)
+        heads = [self.ref(ref) for ref in self.doc["heads"]]
+        used = {n["name"] for n in self.new if n["op"] == "null"}
+        dtype = self.info.dtype
+
+        def keep(params: dict[str, Any]) -> dict[str, Any]:
+            return {
+                k: mx.nd.array(self.values[k], dtype=dtype) if k in self.values else v
+                for k, v in params.items()
+                if k in used
+            }
+
+        arg_params, aux_params = keep(self.arg_params), keep(self.aux_params)
+        for k, v in self.values.items():
+            if k not in arg_params and k not in aux_params and k in used:
+                arg_params[k] = mx.nd.array(v, dtype=dtype)
+        doc = {
+            "nodes": self.new,
+            "arg_nodes": [i for i, n in enumerate(self.new) if n["op"] == "null"],
+            "heads": heads,
+            "attrs": self.doc.get("attrs", {}),
+        }
+        return Checkpoint(mx.sym.load_json(json.dumps(doc)), arg_params, aux_params)
+
+    def _copy(self, i: int, node: dict[str, Any]) -> None:
+        index, _ = self.emit({**node, "inputs": [self.ref(r) for r in node["inputs"]]})
+        for k in range(self.outputs_read.get(i, 1)):
+            self.remap[(i, k)] = (index, k)
+
+    def _dropout(self, i: int, node: dict[str, Any]) -> None:
+        if node.get("attrs", {}).get("mode", "training") == "always":
+            raise GraphError(
+                f"{node['name']}: Dropout with mode='always' drops values at inference too; "
+                "the network is not a deterministic function"
+            )
+        index, output, _ = self.ref(node["inputs"][0])
+        self.remap[(i, 0)] = (index, output)
+
+    def _fully_connected(self, i: int, node: dict[str, Any]) -> None:
+        """Copy the layer, folding in the affine of a BatchNorm that feeds it."""
+        if i in self.fold_before:
+            scale, shift = self.fold_before.pop(i)
+            weight = self.value(node["inputs"][1])
+            self.set_value(node["inputs"][1], weight * scale[None, :])
+            if not _has_no_bias(node):
+                self.set_value(node["inputs"][2], self.value(node["inputs"][2]) + weight @ shift)
+        self._copy(i, node)
+
+    # -------------------------------------------------------------- BatchNorm
+
+    def _batchnorm(self, i: int, node: dict[str, Any]) -> None:
+        attrs, name, data = node.get("attrs", {}), node["name"], node["inputs"][0]
+        shape = self.shapes.get(data[0])
+        axis = int(attrs.get("axis", "1"))
+        if shape is None or len(shape) != 2 or axis not in (1, -1):
+            raise GraphError(
+                f"{name}: BatchNorm over axis {axis} of a tensor of shape {shape}; normexport "
+                "exports BatchNorm over the features of (batch, features) data"
+            )
+        if self.outputs_read.get(i, 1) > 1:
+            raise GraphError(f"{name}: the network reads its mean and variance outputs")
+        gamma, beta, mean, var = (self.value(r) for r in node["inputs"][1:5])
+        if attrs.get("fix_gamma", "True") in ("True", "true", "1"):  # MXNet's default
+            gamma = np.ones_like(gamma)
+        scale = gamma / np.sqrt(var + float(attrs.get("eps", "0.001")))
+        shift = beta - mean * scale
+        if self._fold_into_previous(i, data, scale, shift):
+            return
+        if self._fold_into_next(i, data, scale, shift):
+            return
+        x = self.ref(data)
+        s = self.param(f"{name}_scale", scale.reshape(1, -1))
+        t = self.param(f"{name}_shift", shift.reshape(1, -1))
+        scaled = self.op("broadcast_mul", f"{name}_mul", [x, s])
+        index, output, _ = self.op("broadcast_add", f"{name}_add", [scaled, t])
+        self.remap[(i, 0)] = (index, output)
+
+    def _fold_into_previous(
+        self, i: int, data: list[int], scale: np.ndarray, shift: np.ndarray
+    ) -> bool:
+        """Dense → BatchNorm: ``s (x W^T + b) + t`` is one Dense layer."""
+        layer = data[0]
+        node = self.old[layer]
+        if (
+            node["op"] != "FullyConnected"
+            or data[1] != 0
+            or self.readers.get(layer) != [i]
+            or _foldable(self.old, layer, self.arg_params, not shift.any())
+        ):
+            return False
+        self.set_value(node["inputs"][1], self.value(node["inputs"][1]) * scale[:, None])
+        if not _has_no_bias(node):
+            self.set_value(node["inputs"][2], self.value(node["inputs"][2]) * scale + shift)
+        self.remap[(i, 0)] = self.remap[(layer, 0)]
+        return True
+
+    def _fold_into_next(
+        self, i: int, data: list[int], scale: np.ndarray, shift: np.ndarray
+    ) -> bool:
+        """BatchNorm → Dense: ``(x s + t) W^T + b = x (W diag s)^T + (b + W t)``."""
+        readers = self.readers.get(i, [])
+        if len(readers) != 1 or readers[0] < 0:
+            return False
+        layer = readers[0]
+        node = self.old[layer]
+        if (
+            node["op"] != "FullyConnected"
+            or node["inputs"][0][0] != i
+            or _foldable(self.old, layer, self.arg_params, not shift.any())
+        ):
+            return False
+        self.fold_before[layer] = (scale, shift)
+        index, output, _ = self.ref(data)
+        self.remap[(i, 0)] = (index, output)
+        return True
+
+    # -------------------------------------------------------------- LeakyReLU
+
+    def _leaky_relu(self, i: int, node: dict[str, Any]) -> None:
+        attrs = node.get("attrs", {})
+        kind = attrs.get("act_type", "leaky")
+        if self.info.dtype != "float64" or kind not in _FLOAT32_KERNELS:
+            self._copy(i, node)
+            return
+        name = node["name"]
+        x = self.ref(node["inputs"][0])
+        if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2)), each op exact in float64
+            scaled = self.op("_div_scalar", f"{name}_div", [x], scalar=repr(float(np.sqrt(2.0))))
+            erf = self.op("erf", f"{name}_erf", [scaled])
+            one_plus = self.op("_plus_scalar", f"{name}_plus", [erf], scalar="1.0")
+            product = self.op("elemwise_mul", f"{name}_mul", [x, one_plus])
+            out = self.op("_mul_scalar", f"{name}_half", [product], scalar="0.5")
+        else:  # relu(x) - a relu(-x): x where x > 0 and a x elsewhere, exactly
+            positive = self.op("Activation", f"{name}_pos", [x], act_type="relu")
+            flipped = self.op("negative", f"{name}_flip", [x])
+            negative = self.op("Activation", f"{name}_negpart", [flipped], act_type="relu")
+            if kind == "leaky":
+                slope = float(np.float32(attrs.get("slope", "0.25")))  # MXNet's float32 slope
+                sloped = self.op("_mul_scalar", f"{name}_slope", [negative], scalar=repr(slope))
+            else:  # prelu: the learned slopes, one per feature or one for all
+                row = self.param(f"{name}_slopes", self.value(node["inputs"][1]).reshape(1, -1))
+                sloped = self.op("broadcast_mul", f"{name}_slope", [negative, row])
+            out = self.op("elemwise_sub", f"{name}_sub", [positive, sloped])
+        self.remap[(i, 0)] = (out[0], out[1])
+
+
+def _internal_shapes(checkpoint: Checkpoint, info: NetInfo) -> dict[int, tuple[int, ...]]:
+    """The output shape of each op node (by index), for a batch of one row."""
+    symbol, arg_params, aux_params = checkpoint
+    internals = symbol.get_internals()
+    known = {k: v.shape for k, v in (*arg_params.items(), *aux_params.items())}
+    try:
+        _, shapes, _ = internals.infer_shape_partial(
+            **{info.input_name: (1, info.n_inputs)}, **known
+        )
+    except mx.base.MXNetError as exc:
+        raise GraphError(f"cannot infer the network's shapes: {first_line(exc)}") from exc
+    by_name = dict(zip(internals.list_outputs(), shapes, strict=True))
+    out: dict[int, tuple[int, ...]] = {}
+    for i, node in enumerate(_nodes(symbol)):
+        shape = by_name.get(f"{node['name']}_output", by_name.get(node["name"]))
+        if shape is not None:
+            out[i] = tuple(shape)
+    return out
