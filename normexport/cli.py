@@ -152,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
     p.add_argument(
         "--lr-schedule",
-        choices=["constant", "cosine"],
-        default="constant",
-        help="cosine decays to lr/100 (for long runs)",
+        choices=["plateau", "constant", "cosine"],
+        default="plateau",
+        help="plateau (default) halves the rate after half the patience without a "
+        "hold-out improvement; cosine decays to lr/100 over --epochs (for long runs)",
     )
     p.add_argument("--val-fraction", type=_fraction, default=0.2, help="hold-out share (0.2)")
     p.add_argument("--seed", type=int, default=0)
@@ -205,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail on sanity warnings (constant output, inputs far outside the range)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help="with --symbol: verify on the input columns of this table (by name) instead "
+        "of random rows over the range the factors imply",
     )
 
     p = verb(
@@ -436,6 +443,26 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError("give either DIR or --symbol/--params/--out with --scalers or --factors")
     if (args.inputs or args.targets) and not args.factors:
         raise UserError("--inputs and --targets name the columns of --factors")
+    if args.dir and args.data:
+        raise UserError("--data goes with --symbol (DIR is verified over its training range)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = _run_export(exporting, args, options)
+    for warning in caught:  # the loosened tolerance and the sanity warnings: one line each
+        if issubclass(warning.category, UserWarning):
+            print(f"normexport: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    print(describe_directory(out))
+    hint = unnamed_hint(*load_scalers(Path(out) / "scalers.json")[:2])
+    if hint:
+        print(f"note: {hint}")
+    return EXIT_OK
+
+
+def _run_export(exporting: Any, args: argparse.Namespace, options: dict[str, Any]) -> Path:
     if args.dir:
         out = exporting.export_directory(args.dir, **options)
     else:
@@ -453,13 +480,10 @@ def _export(args: argparse.Namespace) -> int:
             inputs=args.inputs,
             targets=args.targets,
             force=args.force,
+            data=args.data,
             **options,
         )
-    print(describe_directory(out))
-    hint = unnamed_hint(*load_scalers(Path(out) / "scalers.json")[:2])
-    if hint:
-        print(f"note: {hint}")
-    return EXIT_OK
+    return Path(out)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -100,7 +100,8 @@ def test_early_stopping_keeps_the_best_epoch():
     """Training stops once the hold-out loss has not improved by 0.1% for `patience`
     epochs; the weights are those of the best epoch, as without early stopping."""
     X, Y = smooth_problem(300, seed=2)
-    stopped = train(X, Y, epochs=400, patience=3, lr=0.05, progress=False, seed=1)
+    constant = {"lr": 0.05, "lr_schedule": "constant", "progress": False, "seed": 1}
+    stopped = train(X, Y, epochs=400, patience=3, **constant)
     epochs = len(stopped.history)
     assert epochs < 400 and "stopped early" in stopped.settings["stopped"]
     losses = [h["val_loss"] for h in stopped.history]
@@ -112,10 +113,24 @@ def test_early_stopping_keeps_the_best_epoch():
     error = (stopped.holdout_pred - stopped.holdout_true) * stopped.out_scaler.scale_
     assert np.mean(error**2) == pytest.approx(min(losses), rel=1e-9)
     # the same seed without early stopping runs every epoch, through the same first ones
-    full = train(X, Y, epochs=epochs + 5, patience=None, lr=0.05, progress=False, seed=1)
+    full = train(X, Y, epochs=epochs + 5, patience=None, **constant)
     assert len(full.history) == epochs + 5
     assert [h["val_loss"] for h in full.history[:epochs]] == losses
     assert full.settings["stopped"].startswith("reached the maximum")
+
+
+def test_the_plateau_schedule_halves_the_rate_when_the_hold_out_stalls():
+    X, Y = smooth_problem(300, seed=2)
+    result = train(X, Y, epochs=300, patience=6, lr=0.05, progress=False, seed=1)
+    assert result.settings["lr_schedule"] == "plateau"
+    rates = [h["lr"] for h in result.history]
+    assert rates[0] == 0.05 and min(rates) < 0.05
+    for before, after in zip(rates, rates[1:]):
+        assert after in (before, max(before / 2, 0.05 / 1000))
+    first_cut = next(i for i, (a, b) in enumerate(zip(rates, rates[1:])) if b < a)
+    losses = [h["val_loss"] for h in result.history[: first_cut + 1]]
+    mark = min(losses[:-3])  # 3 epochs (half the patience) without a 0.1% improvement
+    assert all(v >= mark * (1 - MIN_IMPROVEMENT) for v in losses[-3:])
 
 
 def test_without_hold_out_rows_every_epoch_runs():

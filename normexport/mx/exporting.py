@@ -73,6 +73,7 @@ def export(
     force: bool = False,
     strict: bool = False,
     verify_rows: np.ndarray | None = None,
+    verify_data: str | os.PathLike[str] | None = None,
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete model directory for ``model`` with the scalers baked in.
@@ -81,8 +82,9 @@ def export(
     prefix (``"path/net"`` for ``net-symbol.json`` + ``net-0000.params``), or a
     ``(symbol, arg_params, aux_params)`` tuple. The directory gets ``scalers.json``,
     ``net-*`` (the plain network), ``model-*`` (raw in, raw out), ``model.onnx`` and
-    ``manifest.json``; the export is verified (on ``verify_rows`` if given, else on
-    random rows over the training range) before it is swapped into place, and a
+    ``manifest.json``; the export is verified (on ``verify_rows``, or on the input
+    columns of the table ``verify_data``, streamed, if given; else on random rows over
+    the training range) before it is swapped into place, and a
     failing verification raises :class:`~normexport.errors.VerificationError`
     leaving any previous directory untouched.
 
@@ -111,6 +113,7 @@ def export(
         force=force,
         strict=strict,
         verify_rows=verify_rows,
+        verify_data=verify_data,
         training=training,
         write_net=True,
     )
@@ -130,6 +133,7 @@ def _export(
     verify_rows: np.ndarray | None,
     training: dict[str, Any] | None,
     write_net: bool,
+    verify_data: str | os.PathLike[str] | None = None,
 ) -> Path:
     """:func:`export` with the checkpoint loaded by ``load`` (so that only this function
     holds it and can release it before verification). ``write_net=False`` keeps the
@@ -163,7 +167,7 @@ def _export(
         step("onnx.checker (full check)")
         check(stage / ONNX_FILE)
         step("verification")
-        report = verify_directory(stage, verify_rows, rtol=rtol)
+        report = verify_directory(stage, verify_rows, data=verify_data, rtol=rtol)
         step("manifest")
         write_manifest(
             stage,
@@ -432,11 +436,14 @@ def export_files(
     rtol: float | None = None,
     force: bool = False,
     strict: bool = False,
+    data: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export a checkpoint trained elsewhere, with a ``scalers.json`` or a factors file.
 
     ``inputs`` and ``targets`` name the columns of a factors file (which has no names);
-    without them they are ``x0, ...`` and ``y0, ...``.
+    without them they are ``x0, ...`` and ``y0, ...``. ``data`` is a table whose input
+    columns (by name) verification runs on, instead of random rows over the range the
+    factors imply: only real rows show factors that do not fit the data.
     """
     if (scalers is None) == (factors is None):
         raise DataError("give exactly one of scalers or factors")
@@ -478,4 +485,5 @@ def export_files(
         rtol=rtol,
         force=force,
         strict=strict,
+        verify_data=data,
     )

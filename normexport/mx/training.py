@@ -21,7 +21,7 @@ from normexport.errors import DataError
 from normexport.scaling import DTYPES, AffineScaler, MinMaxScaler
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "softrelu")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("plateau", "constant", "cosine")
 NET_PREFIX = "net_"  # explicit, so parameter names never depend on what was built before
 
 DEFAULT_HIDDEN = (32, 32, 32)
@@ -123,7 +123,7 @@ def train(
     batch_size: int | None = None,
     patience: int | None = DEFAULT_PATIENCE,
     lr: float = DEFAULT_LR,
-    lr_schedule: str = "constant",
+    lr_schedule: str = "plateau",
     val_fraction: float = 0.2,
     seed: int = 0,
     progress: bool | None = None,
@@ -134,8 +134,10 @@ def train(
     shuffled mini-batches; ``val_fraction`` of the rows (a seeded split) are held out and
     the weights of the epoch with the lowest validation loss are kept. The same seed and
     data give the same weights. ``progress=None`` shows a bar only on a terminal.
-    ``lr_schedule="cosine"`` decays the learning rate to lr/100 over the run: worth it
-    for long runs (thousands of epochs); short runs learn faster at a constant rate.
+    ``lr_schedule="plateau"`` (the default) halves the learning rate whenever the
+    hold-out loss has not improved for half the patience (10 epochs by default; down to
+    lr/1000); ``"cosine"`` decays it to lr/100 over the run, worth it for long runs
+    (thousands of epochs); ``"constant"`` keeps it.
 
     ``epochs`` is a maximum: training stops early once the hold-out loss has not dropped
     by :data:`MIN_IMPROVEMENT` (relative) for ``patience`` epochs (``patience=None``
@@ -215,6 +217,8 @@ def train(
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_params = np.inf, 0, None
     mark, mark_epoch = np.inf, 0  # the loss to beat by MIN_IMPROVEMENT, and when it was set
+    wait = max(1, (patience or DEFAULT_PATIENCE) // 2)  # plateau: epochs before halving
+    current_lr, last_cut = lr, 0
     stopped = f"reached the maximum of {epochs} epochs"
     started = time.perf_counter()
     bar = _progress(epochs, progress)
@@ -223,7 +227,12 @@ def train(
             train_loss = _run_epoch(net, trainer, loss_fn, x_train, y_train, batch_size, rng)
             val_loss = _mse(net, x_val, y_val)
             history.append(
-                {"epoch": epoch, "train_loss": float(train_loss), "val_loss": float(val_loss)}
+                {
+                    "epoch": epoch,
+                    "train_loss": float(train_loss),
+                    "val_loss": float(val_loss),
+                    "lr": current_lr,
+                }
             )
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
@@ -232,6 +241,14 @@ def train(
                 mark, mark_epoch = val_loss, epoch
             bar.set_postfix(train=f"{train_loss:.3g}", val=f"{val_loss:.3g}", refresh=False)
             bar.update(1)
+            if (
+                lr_schedule == "plateau"
+                and n_val
+                and min(epoch - mark_epoch, epoch - last_cut) >= wait
+                and current_lr > lr / 1000
+            ):
+                current_lr, last_cut = max(current_lr / 2, lr / 1000), epoch
+                trainer.set_learning_rate(current_lr)
             if patience is not None and n_val and epoch - mark_epoch >= patience:
                 stopped = (
                     f"stopped early: the hold-out loss did not improve by "
