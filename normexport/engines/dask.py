@@ -9,6 +9,7 @@ Workers and client must see the model, the dataset and OUT_DIR under the same pa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -23,6 +24,7 @@ from normexport.partition import PartitionPredictor, partition_predictor
 
 EXTRA = 'pip install "normexport[dask]"'
 DEFAULT_WORKERS = 2
+CLOSE_TIMEOUT = 30.0  # seconds for the local cluster to stop its workers
 DEFAULT_TIMEOUT = 10.0  # seconds to wait for a scheduler to answer
 RETRIES = 2  # re-runs of a task that raised an unexpected (possibly transient) error
 
@@ -200,16 +202,20 @@ def _client(scheduler: str | None, workers: int, timeout: float) -> Iterator[Any
         with client:
             yield client
         return
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            # No dashboard; the scheduler's health endpoint on any free loopback port, not 8787.
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
-        yield client
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        # No dashboard; the scheduler's health endpoint on any free loopback port, not 8787.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            yield client
+    finally:
+        # Every output is written and checked by now: a worker that is slow to stop (a
+        # loaded machine) must not fail the job. Its process is ended with the cluster.
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError, OSError):
+            cluster.close(timeout=CLOSE_TIMEOUT)
