@@ -2,9 +2,13 @@
 
 The one atomic-write mechanism for files: a temporary file beside the target, fsynced,
 then ``os.replace``d over it. (Directories have theirs in :mod:`normexport.modeldir`.)
-A target that is not a regular file (a FIFO, ``/dev/null``, ``/dev/stdout``) is written
-to as a stream, never replaced; a symbolic link is followed, so the file it names is
-replaced and the link stays.
+Where a file lands is decided once, by :func:`resolve_target`: a target that is not a
+regular file (a FIFO, ``/dev/null``, ``/dev/stdout``) is written to as a stream, never
+replaced; a symbolic link is followed, so the file it names is replaced and the link
+stays. Writers that stage several files (bake) use :func:`staging_dir` and
+:func:`publish`; :func:`target_lock` keeps two processes from writing one target at once,
+and temporary names carry the writer's PID, so :func:`remove_stale` can clear what a
+killed writer left behind.
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import stat
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,22 +41,101 @@ os.umask(_UMASK)
 # --------------------------------------------------------------------------- atomic writes
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a write lands: ``path`` is replaced atomically, or, with ``stream``, written
+    to in place (an existing FIFO, device or socket, which must never be replaced). A
+    name of one of this process's file descriptors (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``) is a stream written through that descriptor (``fd``), whatever
+    it is open on: the shell's ``> file`` or ``>> log`` is honoured, never replaced."""
+
+    path: Path
+    stream: bool = False
+    kind: str = "file"
+    fd: int | None = None
+
+
+def resolve_target(path: str | os.PathLike[str]) -> Target:
+    """The one decision of where an output goes.
+
+    A directory is refused; a name of one of our file descriptors, or an existing
+    non-regular file (``/dev/null``, a FIFO), is a stream; a symbolic link is followed to
+    the file it names (which is replaced, while the link stays); anything else is the
+    path itself.
+    """
+    given = Path(path)
+    if given.is_dir():
+        raise NormexportError(f"{given}: is a directory; give a file name")
+    fd = _descriptor(given)
+    if fd is not None:
+        return Target(given, stream=True, kind=file_kind(given), fd=fd)
+    if given.exists() and not given.is_file():  # a device or a FIFO: a stream, not a file
+        return Target(given, stream=True, kind=file_kind(given))
+    if given.is_symlink():
+        return Target(Path(os.path.realpath(given)))
+    return Target(given)
+
+
+_STANDARD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+_FD_NAME = re.compile(r"/(?:dev/fd|proc/self/fd|proc/(\d+)/fd)/(\d+)")
+
+
+def _descriptor(path: Path) -> int | None:
+    """The file descriptor of ours that ``path`` names, through any symbolic links
+    (``/dev/stdout`` -> ``/proc/self/fd/1``), or None."""
+    hop = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        if hop in _STANDARD:
+            return _STANDARD[hop]
+        found = _FD_NAME.fullmatch(hop)
+        if found:
+            pid = found.group(1)
+            return int(found.group(2)) if pid is None or int(pid) == os.getpid() else None
+        if not os.path.islink(hop):
+            return None
+        hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+    return None
+
+
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """What a path is, in words for a message: "a FIFO", "a character device", ..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "missing"
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _temp_prefix(target: Path) -> str:
+    """``.NAME.PID.``: a temporary name that says which process made it."""
+    return f".{target.name}.{os.getpid()}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``.
 
     For writers that insist on a file name (``mx.nd.save``, ``onnx.save``). If the block
-    raises, the temporary file is removed and ``path`` is untouched.
+    raises, the temporary file is removed and ``path`` is untouched. A stream target
+    (see :func:`resolve_target`) is yielded itself and written in place.
     """
-    given = Path(path)
-    if given.is_dir():
-        raise NormexportError(f"{given}: is a directory; give a file name")
-    if given.exists() and not given.is_file():  # a device or a FIFO: a stream, not a file
-        yield given
+    resolved = resolve_target(path)
+    if resolved.stream:
+        yield resolved.path
         return
-    target = Path(os.path.realpath(given)) if given.is_symlink() else given
+    target = resolved.path
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise NormexportError(f"{target.parent}: cannot write here ({exc.strerror})") from exc
     os.close(fd)
@@ -92,6 +180,173 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- staging and locks
+
+
+def staging_dir(target: Target) -> Path:
+    """A fresh directory ``.NAME.PID.XXXXXXXX.tmp`` to build a target's files in: beside
+    the target, so that :func:`publish` is a rename on one file system (a stream
+    target's live in the system's temporary directory). The PID lets
+    :func:`remove_stale` tell a dead writer's leftovers from a live one's."""
+    parent = _staging_parent(target)
+    try:
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(target.path), suffix=".tmp", dir=parent))
+    except FileNotFoundError as exc:
+        raise NormexportError(f"{parent}: no such directory") from exc
+    except OSError as exc:
+        raise NormexportError(f"{parent}: cannot write here ({exc.strerror})") from exc
+
+
+def _staging_parent(target: Target) -> Path:
+    return Path(tempfile.gettempdir()) if target.stream else target.path.parent
+
+
+def publish(staged: Path, target: Target) -> Path:
+    """Put a finished, staged file in place: renamed over ``target.path`` (atomic), or
+    copied into a stream target, which is never replaced."""
+    if not target.stream:
+        os.replace(staged, target.path)
+        return target.path
+    try:
+        if target.fd in (1, 2):  # what was printed before comes first
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        with (
+            open(staged, "rb") as source,
+            (
+                open(target.path, "wb") if target.fd is None else os.fdopen(os.dup(target.fd), "wb")
+            ) as sink,
+        ):
+            shutil.copyfileobj(source, sink, 1 << 20)
+    except OSError as exc:
+        raise NormexportError(
+            f"{target.path}: cannot write to {target.kind} ({exc.strerror or exc})"
+        ) from exc
+    return target.path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(target: Target) -> list[Path]:
+    """Remove the temporary files and staging directories of ``target`` (named
+    ``.NAME.PID.*.tmp`` by :func:`atomic_path` and :func:`staging_dir`) whose process
+    is gone: what a killed writer left behind. A live process's are never touched."""
+    parent = _staging_parent(target)
+    prefix = f".{target.path.name}."
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        parts = name[len(prefix) : -len(".tmp")].split(".")
+        if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 9:
+            continue  # not ours (another target's name may extend this one's)
+        if pid_alive(int(parts[0])):
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()  # a file, or a symbolic link (never followed)
+            removed.append(path)
+    return removed
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """The lock file of a target: ``.NAME.lock`` beside the file (or directory) it names."""
+    given = Path(path)
+    real = Path(os.path.realpath(given)) if given.is_symlink() else given
+    return real.parent / f".{real.name}.lock"
+
+
+@contextlib.contextmanager
+def target_lock(
+    path: str | os.PathLike[str], *, what: str = "bake", wait: float = 0.0
+) -> Iterator[Path | None]:
+    """Hold the lock of one output target (a file or a model directory) for the block.
+
+    The lock is ``fcntl.flock`` on ``.NAME.lock`` beside the target (beside the file a
+    symbolic link names). If another process holds it, wait up to ``wait`` seconds, then
+    raise one line: ``another bake into OUT is running (pid N)``. The kernel releases the
+    lock when its holder dies, so a killed run never blocks the next; the file is
+    removed on release. A stream target (a FIFO, a device) is not replaced, so it is not
+    locked (yields None), nor is anything where ``fcntl`` does not exist.
+    """
+    given = Path(path)
+    if _descriptor(given) is not None or (
+        given.exists() and not given.is_file() and not given.is_dir()
+    ):
+        yield None
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield None
+        return
+    lock = lock_path(given)
+    deadline = time.monotonic() + max(wait, 0.0)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_UMASK)
+        except FileNotFoundError as exc:
+            raise NormexportError(f"{lock.parent}: no such directory") from exc
+        except OSError as exc:
+            raise NormexportError(f"{lock.parent}: cannot write here ({exc.strerror})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            who = f" (pid {holder})" if holder else ""
+            raise NormexportError(f"another {what} into {given} is running{who}") from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # its holder removed it after we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it: a waiter then sees a new file
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and len(text) < 10 else None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 # --------------------------------------------------------------------------- JSON
