@@ -8,7 +8,9 @@ path holds a second copy of the model in the protobuf.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +204,12 @@ MAX_ONNX_BYTES = 64 * 1024**3
 
 
 def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file with a clear error for missing, garbage or truncated files."""
+    """Load an ONNX file with a clear error for missing, garbage or truncated files.
+
+    Before anything else reads the graph, :func:`validate` refuses what would crash or
+    mislead a checker or runtime: recursive model-local functions, and tensors whose
+    declared dims disagree with their data.
+    """
 
     path = Path(path)
     if not path.is_file():
@@ -216,19 +223,215 @@ def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onn
         raise GraphError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
     if not model.graph.node and not model.graph.input:
         raise GraphError(f"{path}: not an ONNX model (no graph)")
+    validate(path, model)
     if with_weights:
-        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+        from onnx.external_data_helper import load_external_data_for_model
 
-        for tensor in model.graph.initializer:
-            if uses_external_data(tensor):
-                location = next(e.value for e in tensor.external_data if e.key == "location")
-                if not (path.parent / location).is_file():
-                    raise GraphError(f"{path}: external data file {location} is missing")
         try:
             load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as exc:
             raise GraphError(f"{path}: cannot read external data ({first_line(exc)})") from exc
     return model
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(path: str | os.PathLike[str], model: onnx.ModelProto | None = None) -> None:
+    """Refuse, with one line naming ``path``, a file that would crash or mislead the
+    tools after us: recursive model-local functions (``onnx.checker`` of onnx < 1.19
+    recurses until it segfaults) and tensors whose declared dims disagree with their
+    data (``raw_data``, typed fields or external data), which end in reshape errors or
+    "mmap length is greater than file size" deep inside onnx or NumPy.
+
+    Only sizes are compared (the external data files are ``stat``-ed, never read), so
+    this costs nothing next to loading. Without ``model`` the file is parsed (without its
+    external data): for a caller that only has a path, such as a runtime that failed to
+    load the file and wants the reason.
+    """
+    path = Path(path)
+    if model is None:
+        try:
+            model = onnx.load(str(path), format="protobuf", load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError, ValueError, RuntimeError, ...
+            raise GraphError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
+    check_functions(path, model)
+    check_tensors(path, model)
+
+
+def _holders(model: onnx.ModelProto) -> Iterator[Any]:
+    """The main graph, each model-local function and every subgraph (If/Loop/Scan
+    bodies) inside them: everything that holds nodes, found without recursion."""
+    stack: list[Any] = [model.graph, *model.functions]
+    while stack:
+        holder = stack.pop()
+        yield holder
+        for node in holder.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+
+
+def _function_key(item: Any) -> tuple[str, str, str]:
+    """``(domain, name, overload)`` of a function, or of the op a node calls."""
+    name = item.name if isinstance(item, onnx.FunctionProto) else item.op_type
+    return (item.domain, name, getattr(item, "overload", ""))
+
+
+def _function_label(key: tuple[str, str, str]) -> str:
+    domain, name, overload = key
+    return f"{domain}::{name}" + (f":{overload}" if overload else "")
+
+
+def check_functions(path: Path, model: onnx.ModelProto) -> None:
+    """Model-local functions that call themselves, directly or through others, are refused."""
+    if not model.functions:
+        return
+    keys = {_function_key(f) for f in model.functions}
+    calls: dict[tuple[str, str, str], set[tuple[str, str, str]]] = {k: set() for k in keys}
+    for function in model.functions:
+        caller = _function_key(function)
+        stack: list[Any] = [function]
+        while stack:
+            holder = stack.pop()
+            for node in holder.node:
+                called = _function_key(node)
+                if called in keys:
+                    calls[caller].add(called)
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        stack.append(attr.g)
+                    elif attr.type == onnx.AttributeProto.GRAPHS:
+                        stack.extend(attr.graphs)
+    # Depth-first search without recursion: 1 = on the current path, 2 = done.
+    state: dict[tuple[str, str, str], int] = {}
+    for start in sorted(calls):
+        if start in state:
+            continue
+        path_: list[tuple[str, str, str]] = [start]
+        todo = [iter(sorted(calls[start]))]
+        state[start] = 1
+        while todo:
+            step = next(todo[-1], None)
+            if step is None:
+                state[path_.pop()] = 2
+                todo.pop()
+                continue
+            callee = step
+            if state.get(callee) == 1:
+                cycle = [*path_[path_.index(callee) :], callee]
+                chain = " -> ".join(_function_label(k) for k in cycle)
+                raise GraphError(
+                    f"{path}: model-local function {_function_label(callee)} is recursive "
+                    f"({chain}); ONNX does not allow recursive functions"
+                )
+            elif callee not in state:
+                state[callee] = 1
+                path_.append(callee)
+                todo.append(iter(sorted(calls[callee])))
+
+
+# Element width in bits of the types whose raw data packs several elements per byte.
+_SUB_BYTE_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(TensorProto, name)
+}
+_COMPLEX = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
+
+
+def check_tensors(path: Path, model: onnx.ModelProto) -> None:
+    """Every initializer and constant tensor holds exactly the data its dims declare."""
+    base = path.parent.resolve()
+    sizes: dict[str, int] = {}
+    for holder in _holders(model):
+        for tensor in getattr(holder, "initializer", ()):
+            _check_tensor(path, base, tensor, f"initializer {tensor.name!r}", sizes)
+        for node in holder.node:
+            for attr in node.attribute:
+                tensors = [attr.t] if attr.type == onnx.AttributeProto.TENSOR else attr.tensors
+                for tensor in tensors:
+                    label = f"{node.op_type} {node.name!r} (attribute {attr.name!r})"
+                    _check_tensor(path, base, tensor, label, sizes)
+
+
+def _check_tensor(path: Path, base: Path, tensor: TensorProto, label: str, sizes: dict) -> None:
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise GraphError(f"{path}: {label} has a negative dimension in its shape {dims}")
+    count = math.prod(dims)  # a Python int: no int64 wrap-around on hostile dims
+    kind = TensorProto.DataType.Name(tensor.data_type) if tensor.data_type else "UNDEFINED"
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        field = helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return  # a type this onnx does not know: its checker says so
+    string = tensor.data_type == TensorProto.STRING
+    bits = _SUB_BYTE_BITS.get(tensor.data_type, itemsize * 8)
+    nbytes = -(-count * bits // 8)
+    declared = f"declares shape {dims} ({count} {kind} values"
+    declared += ")" if string else f", {nbytes} bytes)"
+    if tensor.data_location == TensorProto.EXTERNAL:
+        if not string:
+            _check_external(path, base, tensor, label, nbytes, declared, sizes)
+        return
+    if tensor.HasField("raw_data"):
+        held = len(tensor.raw_data)
+        if not string and held != nbytes:
+            raise GraphError(f"{path}: {label} {declared}, but its raw_data holds {held} bytes")
+        return
+    values = len(getattr(tensor, field))
+    wanted = 2 * count if tensor.data_type in _COMPLEX else count
+    if tensor.data_type in _SUB_BYTE_BITS:
+        wanted = nbytes  # packed: one byte's worth of elements per int32_data entry
+    if values != wanted:
+        raise GraphError(f"{path}: {label} {declared}, but its {field} holds {values} values")
+
+
+def _check_external(
+    path: Path, base: Path, tensor: TensorProto, label: str, nbytes: int, declared: str, sizes: dict
+) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    file = (base / location).resolve()
+    if not location or os.path.isabs(location) or base not in file.parents:
+        raise GraphError(
+            f"{path}: tensor {tensor.name!r} names external data {location!r} "
+            "outside the model's directory"
+        )
+    try:
+        offset = _bounded_int(info.get("offset", "0"))
+        length = _bounded_int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise GraphError(
+            f"{path}: tensor {tensor.name!r} has a malformed external data offset or length"
+        ) from None
+    if location not in sizes:
+        if not file.is_file():
+            raise GraphError(
+                f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing"
+            )
+        sizes[location] = file.stat().st_size
+    if length is not None and length != nbytes:
+        raise GraphError(
+            f"{path}: {label} {declared}, but its external data in {location!r} is "
+            f"{length} bytes long"
+        )
+    needed = offset + nbytes
+    if sizes[location] < needed:
+        raise GraphError(
+            f"{path}: external data file {location!r} is truncated: {label} {declared} "
+            f"and needs bytes up to {needed}, the file has {sizes[location]}"
+        )
+
+
+def _bounded_int(text: str) -> int:
+    """A non-negative decimal integer of at most 20 digits (offsets and lengths)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise ValueError(text)
+    return int(text)
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
