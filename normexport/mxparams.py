@@ -13,8 +13,9 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from io import BufferedReader
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,10 @@ LIST_MAGIC = 0x112
 ARRAY_MAGICS = (0xF993FAC9, 0xF993FACA)  # NDARRAY_V2_MAGIC, NDARRAY_V3_MAGIC
 DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype("<f4"), 1: np.dtype("<f8"), 2: np.dtype("<f2")}
 MAX_NDIM = 8
-MAX_ARRAYS = 1_000_000
+MAX_ARRAYS = 100_000  # as many as a symbol may have nodes (mx.checkpoint.MAX_NODES)
 MAX_ELEMENTS = 2**34  # as checkpoint.MAX_ELEMENTS: no regression net has a larger tensor
+MAX_DIM = 2**31 - 1  # MXNet 1.x (no large-tensor build) keeps each dimension in 32 bits
+MAX_NAME_BYTES = 4096
 
 
 def read_params(
@@ -33,8 +36,11 @@ def read_params(
 ) -> dict[str, Any]:
     """Every named array in a ``.params`` file, keys as stored (``arg:``/``aux:`` kept).
 
-    ``convert`` is applied to each array as soon as it is read (for example to make an
-    MXNet NDArray), so the file's contents are held once, not twice.
+    The file is read twice, both times as a stream: first every header and name is
+    checked (the data is skipped, nothing is allocated but a small record per array),
+    then each array is read into its own buffer and handed to ``convert`` (for example to
+    make an MXNet NDArray) before the next is read. A hostile or damaged file is
+    therefore refused before any array exists, and the contents are held once, not twice.
     """
     path = Path(path)
     try:
@@ -57,24 +63,25 @@ def read_params(
         if reader.u64() != LIST_MAGIC:
             raise FormatError(f"{path}: not an MXNet params file (bad magic number)")
         reader.u64()  # reserved
-        arrays = [
-            reader.array(i) if convert is None else convert(reader.array(i))
-            for i in range(reader.count("arrays"))
-        ]
+        records = [reader.header(i) for i in range(reader.count("arrays"))]
         names = [reader.name() for _ in range(reader.count("names"))]
         if handle.read(1):
             raise FormatError(f"{path}: trailing bytes after the last name")
-    if not names:
-        raise FormatError(f"{path}: holds unnamed arrays; expected named parameters")
-    if len(names) != len(arrays):
-        raise FormatError(f"{path}: {len(arrays)} arrays but {len(names)} names")
-    if len(set(names)) != len(names):
-        raise FormatError(f"{path}: duplicate parameter names")
-    return dict(zip(names, arrays, strict=True))
+        if not names:
+            raise FormatError(f"{path}: holds unnamed arrays; expected named parameters")
+        if len(names) != len(records):
+            raise FormatError(f"{path}: {len(records)} arrays but {len(names)} names")
+        if len(set(names)) != len(names):
+            raise FormatError(f"{path}: duplicate parameter names")
+        out: dict[str, Any] = {}
+        for name, record in zip(names, records, strict=True):
+            array = reader.data(record)
+            out[name] = array if convert is None else convert(array)
+        return out
 
 
 class _Reader:
-    def __init__(self, handle: BinaryIO, size: int, path: Path) -> None:
+    def __init__(self, handle: BufferedReader, size: int, path: Path) -> None:
         self.handle, self.size, self.path = handle, size, path
 
     def take(self, n: int) -> bytes:
@@ -92,10 +99,16 @@ class _Reader:
     def count(self, what: str) -> int:
         n = self.u64()
         if n > MAX_ARRAYS or n > self.size:
-            raise FormatError(f"{self.path}: declares {n} {what}, more than the file can hold")
+            limit = min(MAX_ARRAYS, self.size)
+            raise FormatError(
+                f"{self.path}: declares {n} {what}, more than the file can hold or "
+                f"normexport reads (at most {limit})"
+            )
         return n
 
-    def array(self, index: int) -> np.ndarray:
+    def header(self, index: int) -> tuple[int, tuple[int, ...], np.dtype[Any] | None]:
+        """One array's header, checked; its data is skipped. Returns where the data
+        starts, the shape and the element type (None for MXNet's empty V2 record)."""
         where = f"{self.path}: array {index}"
         magic = struct.unpack("<I", self.take(4))[0]
         if magic not in ARRAY_MAGICS:
@@ -109,24 +122,43 @@ class _Reader:
         if any(d < 0 for d in shape):
             raise FormatError(f"{where}: negative dimension in shape {shape}")
         count = math.prod(shape)  # a Python int: no int64 wrap-around on hostile shapes
-        if count > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):
+        if count > MAX_ELEMENTS:
             raise FormatError(f"{where}: shape {shape} has more than {MAX_ELEMENTS} elements")
+        if any(d > MAX_DIM for d in shape):
+            raise FormatError(
+                f"{where}: shape {shape} has a dimension of more than {MAX_DIM} (MXNet 1.x "
+                "keeps each dimension in 32 bits)"
+            )
         if ndim == 0 and magic == ARRAY_MAGICS[0]:
-            return np.zeros((0,), np.float32)  # V2 writes nothing more for an empty array
+            return self.handle.tell(), (0,), None  # V2 writes nothing more for an empty array
         self.take(8)  # context: device type and id
         flag = self.i32()
         if flag not in DTYPES:
             raise FormatError(f"{where}: element type {flag} is not a float type")
         dtype = DTYPES[flag]
+        start = self.handle.tell()
         nbytes = count * dtype.itemsize
-        if nbytes > self.size - self.handle.tell():
+        if nbytes > self.size - start:
             raise FormatError(f"{where}: shape {shape} needs more bytes than the file has left")
-        data = np.frombuffer(self.take(nbytes), dtype=dtype).reshape(shape)
-        return data.astype(dtype.newbyteorder("="), copy=False)
+        self.handle.seek(nbytes, os.SEEK_CUR)
+        return start, shape, dtype
+
+    def data(self, record: tuple[int, tuple[int, ...], np.dtype[Any] | None]) -> np.ndarray:
+        """The array a checked header describes, read straight into its own buffer."""
+        start, shape, dtype = record
+        if dtype is None:
+            return np.zeros(shape, np.float32)
+        array = np.empty(shape, dtype=dtype)
+        if array.nbytes:
+            self.handle.seek(start)
+            buffer: Any = array  # an ndarray is a writable buffer
+            if self.handle.readinto(memoryview(buffer).cast("B")) != array.nbytes:
+                raise FormatError(f"{self.path}: truncated (changed while being read?)")
+        return array.astype(dtype.newbyteorder("="), copy=False)
 
     def name(self) -> str:
         n = self.u64()
-        if n > 4096:
+        if n > MAX_NAME_BYTES:
             raise FormatError(f"{self.path}: a parameter name of {n} bytes")
         try:
             return self.take(n).decode("utf-8")
