@@ -462,6 +462,15 @@ def fold(
     type, an ``ai.onnx.ml`` opset) is described in ``changes`` when a list is given.
     """
     model = copy_model(model)
+    io = interface(model)
+    # The same factors are refused in both modes: one that does not fit the data's dtype
+    # (1e300 in float32) would make the folded weights inf, as it makes a spliced scale.
+    for label, affine, value in (("input", in_affine, io.input), ("output", out_affine, io.output)):
+        elem = value.type.tensor_type.elem_type
+        try:
+            check_affine(label, affine, None, dtype=FLOAT_TYPES.get(elem))
+        except NormexportError as exc:
+            raise GraphError(f"{label} {value.name!r}: {exc}") from exc
     index = _Index(model, load)
     plan, first, last = _plan(index, in_affine, out_affine)
     # One entry per layer: the first and the last layer may be the same node.
@@ -1030,20 +1039,20 @@ def _fold_layer(
     else:
         stored_w, stored_c = Wc, Cc
     dtype = helper.tensor_dtype_to_np_dtype(w_tensor.data_type)
-    index.replace_const(model, layer.weight, stored_w.astype(dtype))
+    index.replace_const(model, layer.weight, _cast(stored_w, dtype, node, "weights"))
     if stored_c is None:
         return
     stored_c = _restore_shape(stored_c, bias_shape)
     if layer.bias is not None and b_tensor is not None:
         bias_dtype = helper.tensor_dtype_to_np_dtype(b_tensor.data_type)
-        index.replace_const(model, layer.bias, stored_c.astype(bias_dtype))
+        index.replace_const(model, layer.bias, _cast(stored_c, bias_dtype, node, "bias"))
         return
     # A Gemm without C, or a MatMul without a bias Add: a Gemm with a new C.
     if layer.kind == "matmul":
         notes.append(f"{_label(node)} is now a Gemm, whose bias C carries the folded shift")
         node.op_type = "Gemm"
     name = names.fresh(f"{PREFIX}{node.name or 'gemm'}_bias")
-    _add_initializers(model, [numpy_helper.from_array(stored_c.astype(dtype), name)])
+    _add_initializers(model, [numpy_helper.from_array(_cast(stored_c, dtype, node, "bias"), name)])
     while len(node.input) < 2:
         node.input.append("")
     if len(node.input) == 2:
@@ -1177,6 +1186,19 @@ def _fold_tree_splits(
     for k, mode in zip(where.tolist(), new_modes, strict=True):
         modes_all[k] = "BRANCH_" + mode
     _set_attr(node, "nodes_modes", modes_all)
+
+
+def _cast(values: np.ndarray, dtype: Any, node: onnx.NodeProto, what: str) -> np.ndarray:
+    """Folded float64 constants in the layer's dtype; one that overflows it (finite
+    factors on large weights) is refused naming the layer, never stored as inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = values.astype(dtype)
+    if np.issubdtype(cast.dtype, np.floating) and not np.isfinite(cast[np.isfinite(values)]).all():
+        raise GraphError(
+            f"{_label(node)}: its folded {what} overflow {np.dtype(dtype).name}; "
+            "the factors are too large for this layer in that dtype"
+        )
+    return cast
 
 
 def _fold_tree_leaves(node: onnx.NodeProto, affine: Affine) -> None:
