@@ -10,7 +10,11 @@ on NumPy-normalized rows, de-normalized with NumPy.
 Everything the user gives is validated here, before anything is written, with messages
 that name the file and the fault. The output (and its external data file, if any) is
 built in a temporary directory beside the target, checked and verified there, then
-renamed into place: an error or a failed verification leaves nothing behind.
+renamed into place (or copied into a FIFO or device, which is never replaced): an error
+or a failed verification leaves nothing behind. One bake at a time writes a target
+(:func:`normexport.files.target_lock`), and the next one clears what a killed one left.
+Every run of a model (onnxruntime, silent but for its exceptions) shares one wall-clock
+limit, so a model that never finishes ends in one line naming the node that was running.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
-import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,13 +54,14 @@ from normexport.verification import (
     Runtime,
     VerificationReport,
     check_rows,
-    onnxruntime_runtime,
     random_rows,
 )
 
 MODES = ("splice", "fold")
 MIN_OPSET = onnx_affine.MIN_BN_OPSET
 EXTERNAL_MIN_BYTES = 1024  # with external data, smaller tensors stay inline (as onnx does)
+DEFAULT_TIMEOUT = 300.0  # seconds: all of bake's runs of a model together (probe, verification)
+MAX_FIXED_BATCH = 4096  # rows: a model with a larger fixed batch is not run
 
 
 @dataclass
@@ -82,6 +89,7 @@ def bake(
     data: str | os.PathLike[str] | None = None,
     rtol: float | None = None,
     repair: bool = False,
+    timeout: float | None = None,
 ) -> BakeResult:
     """Write ``onnx_out``: ``onnx_in`` with input normalization and output
     de-normalization baked in (raw in, raw out).
@@ -121,6 +129,16 @@ def bake(
         Repair an output ``Reshape(-1, 1)`` that interleaves the outputs of each row into
         rows of one (skl2onnx's multi-output MLPRegressor) to ``Reshape(-1, n_out)``;
         without it such a file is refused, naming the node.
+    timeout
+        Seconds that bake may spend running models, all runs together (the probe of the
+        output width and the verification; default :data:`DEFAULT_TIMEOUT`, 300;
+        ``math.inf`` for no limit). A model still running then is stopped and refused,
+        naming the node that was running.
+
+    ``onnx_out`` may be a FIFO or a device (written to as a stream, never replaced) or a
+    symbolic link (the file it names is replaced; the link stays). While a bake writes a
+    target, another bake into it fails at once: ``another bake into OUT is running (pid
+    N)``.
 
     Everything changed besides the affine itself (a declared output shape, a repaired
     Reshape, an opset, a MatMul turned Gemm) is listed in ``result.changes`` and in the
@@ -135,60 +153,117 @@ def bake(
     {'input': 'folded', 'output': 'spliced', 'output_reason': 'an activation ...'}
     """
     src, dst = Path(onnx_in), Path(onnx_out)
-    _check_options(factors, scalers, mode, opset, rtol)
+    _check_options(factors, scalers, mode, opset, rtol, timeout)
     if dst.is_dir():
         raise NormexportError(f"{dst}: is a directory; --out needs a file name")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise NormexportError(f"{dst}: is the input model; write the baked model elsewhere")
+    target = files.resolve_target(dst)
+    # NumPy's warnings would print lines before bake's one-line error: every non-finite
+    # value that matters is checked or reported instead.
+    with np.errstate(all="ignore"):
+        return _bake(
+            src,
+            dst,
+            target,
+            _Runner(DEFAULT_TIMEOUT if timeout is None else timeout),
+            factors,
+            scalers,
+            mode,
+            opset,
+            rename,
+            verify,
+            data,
+            rtol,
+            repair,
+        )
+
+
+def _bake(
+    src: Path,
+    dst: Path,
+    target: files.Target,
+    runner: _Runner,
+    factors: Any,
+    scalers: Any,
+    mode: str,
+    opset: int | None,
+    rename: bool,
+    verify: bool,
+    data: str | os.PathLike[str] | None,
+    rtol: float | None,
+    repair: bool,
+) -> BakeResult:
     model = load_model(src)
     shape = describe(src, model)
     source = _load_source(factors, scalers)
-    model, shape, changes, regroup = resolve_output(src, model, shape, source.n_out(shape), repair)
+    model, shape, changes, regroup = resolve_output(
+        src, model, shape, source.n_out(shape), repair, runner=runner
+    )
+    if verify:
+        check_fixed_batch(src, shape, "verify it", hint=", or bake with --no-verify")
     in_scaler, out_scaler = _scalers(src, shape, source)
     rows = _data_rows(data, in_scaler) if verify and data is not None else None
+    external = _uses_external_data(model) or _weight_bytes(model) > onnxkit.EXTERNAL_DATA_THRESHOLD
+    if external and target.stream:
+        raise NormexportError(
+            f"{dst}: is {target.kind}, which bake writes as a stream, but the baked model "
+            "keeps its weights in an external data file beside it; give a file name"
+        )
+    if external and dst.is_symlink() and Path(os.path.realpath(dst.parent)) != target.path.parent:
+        raise NormexportError(
+            f"{dst}: is a symbolic link to {target.path}, in another directory; the baked "
+            "model keeps its weights in an external data file beside that file, which a "
+            "model opened through the link would not find; give the real path"
+        )
 
     baked, plan = _transform(src, model, shape, in_scaler, out_scaler, mode, opset, rename, changes)
-    external = _uses_external_data(model) or _weight_bytes(model) > onnxkit.EXTERNAL_DATA_THRESHOLD
     notes = plan.messages() if mode == "fold" else []
     for side in ("input", "output"):
         if mode == "fold" and getattr(plan, side) == "spliced":
             warnings.warn(
                 f"{src}: {side} affine spliced, not folded: {getattr(plan, side + '_reason')}",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
-    staging = _staging_dir(dst)
-    try:
-        staged = _save(baked, staging / dst.name, src.parent, external)
-        report = None
-        with _naming(src, staging):
-            onnxkit.check(staged[0], label=f"{src}: the baked model")
-            if verify:
-                splits = _split_rows(model, in_scaler, shape.in_dtype)
-                report = verify_bake(
-                    src,
-                    staged[0],
-                    in_scaler,
-                    out_scaler,
-                    shape,
-                    rows=rows,
-                    rtol=rtol,
-                    extra=splits,
-                    regroup=regroup,
+    with files.target_lock(dst, what="bake"):
+        files.remove_stale(target)  # what a killed bake into this target left behind
+        staging = files.staging_dir(target)
+        try:
+            staged = _save(baked, staging / target.path.name, src.parent, external)
+            report = None
+            with _naming(src, staging):
+                onnxkit.check(staged[0], label=f"{src}: the baked model")
+                if verify:
+                    splits = _split_rows(model, in_scaler, shape.in_dtype)
+                    report = verify_bake(
+                        src,
+                        staged[0],
+                        in_scaler,
+                        out_scaler,
+                        shape,
+                        rows=rows,
+                        rtol=rtol,
+                        extra=splits,
+                        regroup=regroup,
+                        runner=runner,
+                    )
+            if report is not None and not report.ok:
+                raise VerificationError(
+                    f"{src}: the baked model disagrees with the original beyond tolerance; "
+                    f"nothing written\n{report.table()}"
                 )
-        if report is not None and not report.ok:
-            raise VerificationError(
-                f"{src}: the baked model disagrees with the original beyond tolerance; "
-                f"nothing written\n{report.table()}"
-            )
-        written = []
-        for path in reversed(staged):  # the data file first, the model (which names it) last
-            target = dst.parent / path.name
-            os.replace(path, target)
-            written.append(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            written = []
+            for path in reversed(staged):  # the data file first, the model (which names it) last
+                where = (
+                    target
+                    if path.name == target.path.name
+                    else files.Target(target.path.parent / path.name)
+                )
+                written.append(files.publish(path, where))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return BakeResult(dst, plan.to_dict(), report, written[::-1], notes, changes)
 
 
@@ -210,7 +285,12 @@ def _naming(src: Path, staging: Path) -> Iterator[None]:
 
 
 def _check_options(
-    factors: Any, scalers: Any, mode: str, opset: int | None, rtol: float | None
+    factors: Any,
+    scalers: Any,
+    mode: str,
+    opset: int | None,
+    rtol: float | None,
+    timeout: float | None = None,
 ) -> None:
     if (factors is None) == (scalers is None):
         raise DataError("give either factors or scalers (exactly one of them)")
@@ -226,6 +306,12 @@ def _check_options(
         )
     if rtol is not None and not (np.isfinite(rtol) and rtol > 0):
         raise DataError(f"rtol must be a positive number, got {rtol}")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not timeout > 0  # NaN too; math.inf is no limit
+    ):
+        raise DataError(f"timeout must be a positive number of seconds, got {timeout}")
 
 
 # ------------------------------------------------------------------------------ the model
@@ -286,41 +372,17 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 
 def _check_external_data(path: Path, model: onnx.ModelProto) -> None:
-    base = path.parent.resolve()
+    """External data is read only for the main graph's initializers (everything else
+    about it, where it is and that it holds what the dims declare, is checked when the
+    file is loaded: :func:`normexport.onnxkit.validate`)."""
     for graph in onnx_affine.graphs(model.graph):
+        if graph is model.graph:
+            continue
         for tensor in graph.initializer:
-            if not uses_external_data(tensor):
-                continue
-            if graph is not model.graph:
+            if uses_external_data(tensor):
                 raise FormatError(
                     f"{path}: tensor {tensor.name!r} in a subgraph uses external data, "
                     "which bake does not support"
-                )
-            info = {e.key: e.value for e in tensor.external_data}
-            location = info.get("location", "")
-            file = (base / location).resolve()
-            if not location or os.path.isabs(location) or base not in file.parents:
-                raise FormatError(
-                    f"{path}: tensor {tensor.name!r} names external data {location!r} "
-                    "outside the model's directory"
-                )
-            if not file.is_file():
-                raise FormatError(
-                    f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing"
-                )
-            try:
-                offset = int(info.get("offset", 0))
-                length = int(info["length"]) if "length" in info else None
-            except ValueError:
-                raise FormatError(
-                    f"{path}: tensor {tensor.name!r} has a malformed external data offset or length"
-                ) from None
-            needed = offset + (length if length is not None else _nbytes(tensor))
-            if file.stat().st_size < needed:
-                raise FormatError(
-                    f"{path}: external data file {location!r} is truncated: tensor "
-                    f"{tensor.name!r} needs bytes up to {needed}, the file has "
-                    f"{file.stat().st_size}"
                 )
 
 
@@ -386,6 +448,8 @@ def resolve_output(
     shape: ModelShape,
     wanted: int | None,
     repair: bool = False,
+    *,
+    runner: _Runner | None = None,
 ) -> tuple[onnx.ModelProto, ModelShape, list[str], bool]:
     """The output width is the width the model returns.
 
@@ -404,8 +468,9 @@ def resolve_output(
     foreign = any(n.domain == onnx_affine.ML for n in model.graph.node)
     if declared and wanted in (None, declared) and suspect is None and not foreign:
         return model, shape, [], False
+    check_fixed_batch(path, shape, "find the width it returns")
     rows = shape.batch or PROBE_ROWS
-    out = _probe(path, shape, rows)
+    out = _probe(path, shape, rows, runner or _Runner(DEFAULT_TIMEOUT))
     name = shape.output_name
     dims = onnx_affine.tensor_dims(model.graph.output[0])
     shown = "no declared shape" if dims is None else f"declared shape {_show(dims)}"
@@ -445,15 +510,22 @@ def resolve_output(
     )
 
 
-def _probe(path: Path, shape: ModelShape, rows: int) -> np.ndarray:
+def _probe(path: Path, shape: ModelShape, rows: int, runner: _Runner) -> np.ndarray:
     """The original's output for ``rows`` rows of zeros (normalized 0: inside any range)."""
-    run = onnxruntime_runtime(path)
-    try:
-        return np.asarray(run(np.zeros((rows, shape.n_in), dtype=shape.in_dtype)))
-    except NormexportError:
-        raise
-    except Exception as exc:  # onnxruntime's own exception types
-        raise FormatError(f"{path}: onnxruntime cannot run the model: {first_line(exc)}") from exc
+    run = runner.runtime(path, str(path))
+    return np.asarray(run(np.zeros((rows, shape.n_in), dtype=shape.in_dtype)))
+
+
+def check_fixed_batch(path: Path, shape: ModelShape, why: str, hint: str = "") -> None:
+    """A model with a fixed batch is run in batches of exactly that size; one beyond
+    :data:`MAX_FIXED_BATCH` rows is refused before anything is allocated (2^27 rows of
+    a few columns are gigabytes, and not what anyone exported on purpose)."""
+    if shape.batch is not None and shape.batch > MAX_FIXED_BATCH:
+        raise GraphError(
+            f"{path}: input {shape.input_name!r} has a fixed batch of {shape.batch} rows; "
+            f"bake runs such a model in batches of exactly that size to {why}, and only up "
+            f"to {MAX_FIXED_BATCH} rows (export it with a dynamic batch axis{hint})"
+        )
 
 
 def _computes_in_float32(model: onnx.ModelProto) -> bool:
@@ -710,15 +782,6 @@ def _check_rename(model: onnx.ModelProto, shape: ModelShape) -> None:
 # ------------------------------------------------------------------------------ writing
 
 
-def _staging_dir(dst: Path) -> Path:
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    except FileNotFoundError as exc:
-        raise NormexportError(f"{dst.parent}: no such directory") from exc
-    except OSError as exc:
-        raise NormexportError(f"{dst.parent}: cannot write here ({exc.strerror})") from exc
-
-
 def _save(model: onnx.ModelProto, path: Path, source_dir: Path, external: bool) -> list[Path]:
     """Write the model; with ``external``, tensors of 1 KiB or more go to ``<name>.data``.
 
@@ -804,6 +867,7 @@ def verify_bake(
     seed: int = 0,
     extra: np.ndarray | None = None,
     regroup: bool = False,
+    runner: _Runner | None = None,
 ) -> VerificationReport:
     """The baked file on raw rows against the original file on the NumPy-normalized rows,
     de-normalized with NumPy, both in onnxruntime.
@@ -812,15 +876,21 @@ def verify_bake(
     ``extra`` (rows at the decision thresholds of tree ensembles). With ``regroup`` the
     original's outputs (``n_out`` rows of one value per input row) are regrouped to
     ``n_out`` per row, as the repaired Reshape does; the baked file must return exactly
-    ``(rows, n_out)``.
+    ``(rows, n_out)``. Both files run under ``runner``'s wall-clock limit (default:
+    :data:`DEFAULT_TIMEOUT` seconds for all runs together).
     """
+    runner = runner or _Runner(DEFAULT_TIMEOUT)
     data = random_rows(in_scaler, RANDOM_ROWS, seed) if rows is None else rows
     if extra is not None and len(extra):
         data = np.concatenate([data, extra])
     out_scale, out_shift = out_scaler.inverse_affine()
+    label = Path(original)
+    baked_label = f"{label} (baked)" if Path(baked) != label else str(label)
 
     def original_scaled() -> Runtime:
-        run_original = _per_row(onnxruntime_runtime(original), shape, original, regroup=regroup)
+        run_original = _per_row(
+            runner.runtime(original, str(label)), shape, original, regroup=regroup
+        )
 
         def run(X: np.ndarray) -> np.ndarray:
             Y = run_original(in_scaler.transform(X))
@@ -831,7 +901,7 @@ def verify_bake(
         return run
 
     runtimes: dict[str, Callable[[], Runtime]] = {
-        "baked": lambda: _per_row(onnxruntime_runtime(baked), shape, baked),
+        "baked": lambda: _per_row(runner.runtime(baked, baked_label), shape, baked),
         "original+numpy": original_scaled,
     }
     return check_rows(
@@ -851,7 +921,9 @@ def _per_row(
     """Outputs as ``(rows, n_out)``; a model with a fixed batch size runs in batches of it.
 
     The output must have one row per input row (``[rows]`` for one value per row), or,
-    with ``regroup``, ``n_out`` rows of one value per input row.
+    with ``regroup``, ``n_out`` rows of one value per input row. Only the last batch of a
+    fixed-batch model is filled up (with copies of its last row, whose outputs are
+    dropped), so at most ``batch - 1`` rows more are run than asked for.
     """
 
     def one(X: np.ndarray) -> np.ndarray:
@@ -868,15 +940,117 @@ def _per_row(
     def call(X: np.ndarray) -> np.ndarray:
         if shape.batch is None:
             return one(X)
+        check_fixed_batch(Path(path), shape, "verify it")
         size = shape.batch
         parts = []
         for start in range(0, X.shape[0], size):
             chunk = X[start : start + size]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-            parts.append(one(padded)[: len(chunk)])
+            if len(chunk) < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            parts.append(one(chunk)[: min(size, X.shape[0] - start)])
         return np.concatenate(parts)
 
     return call
+
+
+# ------------------------------------------------------------------------------ running
+
+
+class _Runner:
+    """Bake's onnxruntime sessions, all under one wall-clock budget.
+
+    Every run gets a watchdog (a timer thread) for what is left of the budget; when it
+    fires it sets the run's ``RunOptions.terminate``, which onnxruntime checks between
+    nodes and inside ``Loop``/``Scan`` bodies, so even a ``Loop`` with a trip count of
+    2^62 stops. The time spent inside runs is what counts. The sessions log nothing
+    (``log_severity_level`` 4, fatal only): their failures are exceptions, which become
+    one line naming the user's file; onnxruntime's own coloured log line never precedes
+    it.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = None if timeout is None or timeout == float("inf") else float(timeout)
+        self.used = 0.0
+
+    def runtime(self, path: str | os.PathLike[str], label: str) -> Runtime:
+        """A runtime for ``path``; errors name ``label`` (the user's file)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise FormatError(
+                f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
+            ) from exc
+        run_options = ort.RunOptions()
+        run_options.log_severity_level = 4
+        name = session.get_inputs()[0].name
+
+        def stop() -> None:
+            run_options.terminate = True
+
+        def run(X: np.ndarray) -> np.ndarray:
+            left = None if self.timeout is None else self.timeout - self.used
+            if left is not None and left <= 0:
+                raise self._timed_out(label, path, None)
+            run_options.terminate = False
+            watchdog = None if left is None else threading.Timer(left, stop)
+            started = time.monotonic()
+            if watchdog is not None:
+                watchdog.daemon = True
+                watchdog.start()
+            try:
+                return session.run(None, {name: X}, run_options)[0]
+            except Exception as exc:  # ORT's own exception types
+                if run_options.terminate:
+                    raise self._timed_out(label, path, exc) from exc
+                raise FormatError(
+                    f"{label}: onnxruntime failed to run the model: {first_line(exc)}"
+                ) from exc
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+                self.used += time.monotonic() - started
+
+        return run
+
+    def _timed_out(
+        self, label: str, path: str | os.PathLike[str], exc: Exception | None
+    ) -> GraphError:
+        running = _running_node(exc) or _unbounded_nodes(path)
+        where = f" ({running})" if running else ""
+        return GraphError(
+            f"{label}: the model did not finish within bake's {self.timeout:g} s limit on "
+            f"running it{where}; give a larger timeout if it needs longer"
+        )
+
+
+_RUNNING = re.compile(r"while running (\w+) node\. Name:'([^']*)'")
+
+
+def _running_node(exc: Exception | None) -> str:
+    """The node onnxruntime names as running when it stopped ("while running Loop node.
+    Name:'loop'"), or ""."""
+    found = _RUNNING.search(str(exc)) if exc is not None else None
+    return f"{found.group(1)} {found.group(2)!r} was running" if found else ""
+
+
+def _unbounded_nodes(path: str | os.PathLike[str]) -> str:
+    """The nodes that can run without bound (``Loop``, ``Scan``), when onnxruntime did not
+    say which one was running."""
+    with contextlib.suppress(Exception):
+        model = onnx.load(str(path), load_external_data=False)
+        loops = [
+            onnx_affine.node_label(n)
+            for g in onnx_affine.graphs(model.graph)
+            for n in g.node
+            if n.op_type in ("Loop", "Scan")
+        ]
+        if loops:
+            return "it has " + ", ".join(loops[:3]) + (", ..." if len(loops) > 3 else "")
+    return ""
 
 
 MAX_SPLIT_ROWS = 30000
