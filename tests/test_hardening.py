@@ -715,6 +715,24 @@ PARAMS_CASES = [
         ("count.params", "declares", "arrays"),
     ),
     Case(
+        "empty-but-wider-than-32-bits",  # MXNet's 32-bit dims: an OverflowError, exit 3
+        params_file(
+            "wide.params",
+            lambda ws: params_bytes([array_record((2**33, 0), payload=b"")], [b"arg:w"]),
+        ),
+        ("wide.params", "has a dimension of more than 2147483647"),
+    ),
+    Case(
+        "a-million-empty-arrays",  # a 31 MB file that used 1.1 GB as NDArrays
+        params_file(
+            "many.params",
+            lambda ws: params_bytes(
+                [array_record((0,), payload=b"")] * 10**6, [b"a%d" % i for i in range(10**6)]
+            ),
+        ),
+        ("many.params", "declares 1000000 arrays", "at most 100000"),
+    ),
+    Case(
         "integer-elements",
         params_file(
             "ints.params",
