@@ -310,6 +310,8 @@ def test_doc_snippets_run_as_written(tmp_path, monkeypatch, capsys):
         for code in runnable:
             exec(compile(code, "docs/gluon.md snippet", "exec"), namespace)
     assert (tmp_path / "my_model" / "model.onnx").exists()
+    # The loop learns (measured 0.025-0.035 and 0.005-0.016 of each range over runs).
+    assert (namespace["rmse"] < 0.1).all(), namespace["rmse"]
 
 
 def _study():
