@@ -196,16 +196,28 @@ def _chunks(X: np.ndarray, size: int) -> Iterator[np.ndarray]:
 # ------------------------------------------------------------------------------- verify
 
 
+@dataclass(frozen=True)
+class Runs:
+    """How rows go through the runtimes; :func:`compare` and :func:`compare_stream` share it.
+
+    ``sample_only`` runtimes see the first :data:`REFERENCE_ROWS` rows; an ``optional``
+    one that cannot load is skipped with its reason; ``reference`` and ``probe``: see
+    :class:`_Tally`.
+    """
+
+    n_outputs: int
+    dtype: str
+    sample_only: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
+    reference: str | None = None
+    probe: str | None = None
+
+
 def compare(
     runtimes: dict[str, Callable[[], Runtime]],
     X: np.ndarray,
+    runs: Runs,
     *,
-    n_outputs: int,
-    dtype: str,
-    sample_only: frozenset[str] = frozenset(),
-    optional: frozenset[str] = frozenset(),
-    reference: str | None = None,
-    probe: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[_Tally, dict[str, str]]:
     """Run ``X`` through each runtime in turn; fold the outputs into a :class:`_Tally`.
@@ -223,8 +235,8 @@ def compare(
 
     results: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
-    X = X.astype(dtype)
-    total = sum(min(len(X), REFERENCE_ROWS) if n in sample_only else len(X) for n in runtimes)
+    X = X.astype(runs.dtype)
+    total = sum(min(len(X), REFERENCE_ROWS) if n in runs.sample_only else len(X) for n in runtimes)
     with tqdm(
         total=total,
         desc="verifying",
@@ -233,22 +245,22 @@ def compare(
         disable=not sys.stderr.isatty() or X.shape[0] <= chunk_rows,
     ) as bar:
         for name, make in runtimes.items():
-            rows = X[:REFERENCE_ROWS] if name in sample_only else X
+            rows = X[:REFERENCE_ROWS] if name in runs.sample_only else X
             try:
                 run = make()
                 parts = []
                 for chunk in _chunks(rows, chunk_rows):
-                    parts.append(_run_checked(name, run, chunk, n_outputs))
+                    parts.append(_run_checked(name, run, chunk, runs.n_outputs))
                     bar.update(chunk.shape[0])
             except (ImportError, NotImplementedError) as exc:
-                if name not in optional:
+                if name not in runs.optional:
                     raise
                 skipped[name] = first_line(exc)  # not installed, or an op it does not know
                 continue
             results[name] = np.concatenate(parts)
             del run, parts
             gc.collect()
-    tally = _Tally(list(results), n_outputs, reference=reference, probe=probe)
+    tally = _Tally(list(results), runs.n_outputs, reference=runs.reference, probe=runs.probe)
     n = max((len(r) for r in results.values()), default=0)
     for start in range(0, n, chunk_rows):
         tally.add({k: v[start : start + chunk_rows] for k, v in results.items()})
@@ -333,13 +345,7 @@ class _Tally:
 def compare_stream(
     runtimes: dict[str, Callable[[], Runtime]],
     chunks: Iterable[np.ndarray],
-    *,
-    n_outputs: int,
-    dtype: str,
-    sample_only: frozenset[str] = frozenset(),
-    optional: frozenset[str] = frozenset(),
-    reference: str | None = None,
-    probe: str | None = None,
+    runs: Runs,
 ) -> tuple[_Tally, dict[str, str], int]:
     """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
 
@@ -355,25 +361,25 @@ def compare_stream(
         try:
             loaded[name] = make()
         except (ImportError, NotImplementedError) as exc:
-            if name not in optional:
+            if name not in runs.optional:
                 raise
             skipped[name] = first_line(exc)
-    tally = _Tally(list(loaded), n_outputs, reference=reference, probe=probe)
+    tally = _Tally(list(loaded), runs.n_outputs, reference=runs.reference, probe=runs.probe)
     seen = 0
     with tqdm(
         desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
         disable=not sys.stderr.isatty(),
     ) as bar:  # fmt: skip
         for chunk in chunks:
-            chunk = chunk.astype(dtype, copy=False)
+            chunk = chunk.astype(runs.dtype, copy=False)
             results = {}
             for name, run in list(loaded.items()):
-                rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in sample_only else chunk
+                rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in runs.sample_only else chunk
                 if len(rows):
                     try:
-                        results[name] = _run_checked(name, run, rows, n_outputs)
+                        results[name] = _run_checked(name, run, rows, runs.n_outputs)
                     except NotImplementedError as exc:
-                        if name not in optional:
+                        if name not in runs.optional:
                             raise
                         skipped[name] = first_line(exc)
                         del loaded[name]
@@ -553,22 +559,17 @@ def check_rows(
     edges = edge_rows(in_scaler)
     span = out_scaler.span()
     watch = _InputWatch(in_scaler)
-    common = {
-        "n_outputs": out_scaler.n_features_in_,
-        "dtype": input_dtype or dtype,
-        "sample_only": sample_only,
-        "optional": optional,
-        "reference": reference,
-        "probe": probe,
-    }
+    runs = Runs(
+        out_scaler.n_features_in_, input_dtype or dtype, sample_only, optional, reference, probe
+    )
     if isinstance(data, np.ndarray):
         watch.add(data)
         all_rows = np.concatenate([edges, data])  # edges first: sampled runtimes see them
-        tally, skipped = compare(runtimes, all_rows, chunk_rows=chunk_rows, **common)  # type: ignore[arg-type]
+        tally, skipped = compare(runtimes, all_rows, runs, chunk_rows=chunk_rows)
         n_rows = int(all_rows.shape[0])
     else:
         stream = itertools.chain([edges], watch.watch(data))
-        tally, skipped, n_rows = compare_stream(runtimes, stream, **common)  # type: ignore[arg-type]
+        tally, skipped, n_rows = compare_stream(runtimes, stream, runs)
     rounding = None if tally.probe_error is None else tally.probe_error / span
     tolerance, loosened = _tolerance(dtype, rtol, rounding)
     pairs = tally.pairs(list(out_scaler.columns_), span, tolerance, skipped)
