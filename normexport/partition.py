@@ -230,7 +230,7 @@ def _new_session(path: str, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures are exceptions, each one line
     # Engines run one single-task process per core; ORT's default (a thread per core in
     # every process) would put cores x cores busy threads on the cores.
     options.intra_op_num_threads = threads

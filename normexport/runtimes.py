@@ -17,10 +17,13 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures are exceptions, each one line
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for bad files
+        from normexport.onnxkit import validate
+
+        validate(path)  # names the fault when it is the file's (a tensor's dims, recursion)
         raise FormatError(f"{path}: onnxruntime cannot load the model: {first_line(exc)}") from exc
     name = session.get_inputs()[0].name
 

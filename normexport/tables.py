@@ -528,6 +528,8 @@ class TableWriter:
         """A failed write (disk full, file too large) names the file the user gave."""
         try:
             yield
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): the CLI ends quietly
         except OSError as exc:
             where = self.path if self.path is not None else "standard output"
             raise DataError(f"{where}: cannot write ({first_line(exc)})") from exc

@@ -176,11 +176,6 @@ def test_verify_refuses_a_damaged_model_onnx_with_exit_2(capsys, tmp_path):
     one_line_error(code, err, "model.onnx")
 
 
-@pytest.mark.xfail(
-    reason="needs runtimes.onnxruntime_runtime to call onnxkit.validate on a failed load "
-    "(diff handed to the owner of runtimes.py)",
-    strict=False,
-)
 def test_verify_names_the_initializer(capsys, tmp_path):
     import shutil
 
