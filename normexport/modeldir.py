@@ -89,7 +89,23 @@ def model_directory(out_dir: str | os.PathLike[str], *, keep: Sequence[str] = ()
     was written or kept on purpose. A failure removes the stage and leaves ``out_dir`` as
     it was.
     """
-    target = Path(out_dir)
+    target = _checked_target(out_dir)
+    with files.target_lock(target, what="export"):  # one writer per directory at a time
+        yield from _staged(target, keep)
+
+
+def _checked_target(out_dir: str | os.PathLike[str]) -> Path:
+    """The directory to write: ``.``/``..`` refused, a symbolic link followed (the link
+    stays and the directory it names is replaced)."""
+    given = Path(out_dir)
+    if given.name in ("", ".", ".."):
+        raise NormexportError(
+            f"{given}: name the model directory itself (not '.' or '..'), e.g. --out my_model"
+        )
+    return Path(os.path.realpath(given)) if given.is_symlink() else given
+
+
+def _staged(target: Path, keep: Sequence[str]) -> Iterator[Path]:
     repair(target)
     if target.exists() and not target.is_dir():
         raise NormexportError(f"{target}: exists and is not a directory")
@@ -193,6 +209,9 @@ def repair(target: Path) -> None:
     if not parent.is_dir():
         return
     for leftover in sorted(parent.glob(f".{target.name}{_STAGING}*")):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and files.pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another export's live stage (it holds the lock); not ours to remove
         shutil.rmtree(leftover, ignore_errors=True)
     for old in sorted(parent.glob(f".{target.name}{_OLD}*")):
         if not target.exists() and (old / MANIFEST_FILE).is_file():
