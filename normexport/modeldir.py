@@ -90,6 +90,10 @@ def model_directory(out_dir: str | os.PathLike[str], *, keep: Sequence[str] = ()
     it was.
     """
     target = _checked_target(out_dir)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
+    except OSError as exc:
+        raise NormexportError(f"{target.parent}: cannot create ({exc.strerror})") from exc
     with files.target_lock(target, what="export"):  # one writer per directory at a time
         yield from _staged(target, keep)
 
@@ -113,10 +117,6 @@ def _staged(target: Path, keep: Sequence[str]) -> Iterator[Path]:
         raise NormexportError(
             f"{target}: exists and is not a normexport model directory; choose another --out"
         )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NormexportError(f"{target.parent}: cannot create ({exc.strerror})") from exc
     stage = target.parent / f".{target.name}{_STAGING}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:

@@ -1129,9 +1129,8 @@ def onnx_dir_argv(verb: str, kind: str):
 def onnx_fault(verb: str, where: str, kind: str) -> str:
     if kind == "missing":
         return "no such file"
-    # verify opens a directory's model.onnx in onnxruntime first and reports its refusal;
-    # predict and inspect read the file's interface first.
-    return "cannot load the model" if where == "dir" and verb == "verify" else "not an ONNX model"
+    # Every verb names the file's own fault (onnxkit.validate), whoever reads it first.
+    return "not an ONNX model"
 
 
 def onnx_metadata(name: str, edit):
