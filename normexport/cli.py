@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_positive(int),
         metavar="MAX",
-        help="at most this many epochs (200); training stops earlier when the hold-out "
+        help="at most this many epochs (300); training stops earlier when the hold-out "
         "stops improving",
     )
     p.add_argument(
@@ -146,10 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive(int),
         metavar="N",
-        help="rows per step (default: 32, doubling with the rows to keep ~128 steps an "
-        "epoch, at most 1024)",
+        help="rows per step (default: 32, doubling with the rows to keep at most 200 steps "
+        "an epoch, at most 1024)",
     )
-    p.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
+    p.add_argument(
+        "--lr",
+        type=_positive(float),
+        help="Adam learning rate (default: 0.01 at batch 32, growing with the batch size "
+        "to at most 0.05)",
+    )
     p.add_argument(
         "--lr-schedule",
         choices=["plateau", "constant", "cosine"],
@@ -393,7 +398,7 @@ def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) ->
 def _train(args: argparse.Namespace) -> int:
     from normexport.mx import require
 
-    options = _given(args, "epochs", "batch_size", "patience")  # else train()'s defaults
+    options = _given(args, "epochs", "batch_size", "patience", "lr")  # else train()'s defaults
     if args.no_early_stop:
         if args.patience is not None:
             raise UserError("give either --patience or --no-early-stop")
@@ -407,7 +412,6 @@ def _train(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         activation=args.activation,
         dtype=args.dtype,
-        lr=args.lr,
         lr_schedule=args.lr_schedule,
         val_fraction=args.val_fraction,
         seed=args.seed,

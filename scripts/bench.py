@@ -13,6 +13,11 @@ export        splice + ONNX conversion + post-processing + verification (the who
               boundary through /proc/self/clear_refs).
 training      samples per second of ``normexport.mx.training.train`` on the demo data,
               float32 and float64, interleaved.
+defaults      the training defaults against the previous ones (200 epochs at batch 32,
+              lr 0.01, no early stopping) on a table of 50,000 rows, 5 inputs and
+              3 targets: wall time and hold-out error of each, alternating which runs
+              first. Not in the default set (the previous defaults take minutes):
+              ``--sections defaults``.
 verification  rows per second of ``verify_directory`` and its peak memory, at two row
               counts (the peak must not grow with the rows: verification is chunked).
 
@@ -78,6 +83,8 @@ FULL = {
     "train_epochs": 20,
     "train_repeats": 3,
     "verify_rows": (100_000, 1_000_000),
+    "defaults_rows": 50_000,
+    "defaults_seeds": (0, 1),
 }
 QUICK = {
     "rounds": 40,
@@ -87,6 +94,8 @@ QUICK = {
     "train_epochs": 3,
     "train_repeats": 1,
     "verify_rows": (20_000, 200_000),
+    "defaults_rows": 10_000,
+    "defaults_seeds": (0,),
 }
 
 
@@ -890,6 +899,103 @@ def bench_training(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str,
     return out
 
 
+# The training defaults before issue 20: every epoch of 200 runs, batch 32, a constant 0.01.
+PREVIOUS_DEFAULTS = {
+    "epochs": 200,
+    "batch_size": 32,
+    "lr": 0.01,
+    "lr_schedule": "constant",
+    "patience": None,
+}
+DEFAULTS_SPEEDUP_TARGET = 4.0
+
+
+def training_problem(n: int, seed: int = 0) -> tuple[Any, Any]:
+    """n rows: 5 inputs on very different raw ranges, 3 smooth targets (0-100, 0-40,
+    0-1000 or so): the table the training defaults are measured on."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    low = np.array([250.0, 0.0, -5.0, 1e3, 0.1])
+    high = np.array([350.0, 0.01, 5.0, 2e3, 10.0])
+    X = rng.uniform(low, high, size=(n, 5))
+    u = (X - low) / (high - low)
+    Y = np.column_stack(
+        [
+            100 * (0.5 + 0.4 * np.sin(2 * u[:, 0] + u[:, 1]) * u[:, 2]),
+            40 * (0.5 + 0.3 * np.cos(3 * u[:, 3]) * u[:, 4] + 0.2 * u[:, 0] ** 2),
+            1e3 * (u[:, 1] * u[:, 2] + 0.3 * np.tanh(2 * u[:, 3] - 1) + 0.1 * u[:, 4]),
+        ]
+    )
+    return X, Y
+
+
+def bench_defaults(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """``train(X, Y)`` with today's defaults against the previous defaults, same data,
+    same seed, same process; per seed the two run back to back, alternating which
+    goes first."""
+    import numpy as np
+
+    from normexport.mx.training import train
+
+    X, Y = training_problem(cfg["defaults_rows"])
+    runs: list[dict[str, Any]] = []
+    for k, seed in enumerate(cfg["defaults_seeds"]):
+        order = [("previous", PREVIOUS_DEFAULTS), ("current", {})]
+        for name, options in order if k % 2 == 0 else order[::-1]:
+            result = train(X, Y, progress=False, seed=seed, **options)
+            relative = result.holdout_rmse_relative
+            run = {
+                "defaults": name,
+                "seed": seed,
+                "seconds": result.seconds,
+                "epochs_run": len(result.history),
+                "best_epoch": result.best_epoch,
+                "batch_size": result.settings["batch_size"],
+                "lr": result.settings["lr"],
+                "stopped": result.settings["stopped"],
+                "holdout_rmse_relative": relative,
+                "mean_holdout_rmse_relative": float(np.mean(list(relative.values()))),
+                "loadavg": os.getloadavg()[0],
+            }
+            runs.append(run)
+            log(
+                f"  defaults: {name} seed {seed}: {run['seconds']:.1f} s, "
+                f"{run['epochs_run']} epochs (batch {run['batch_size']}, lr {run['lr']:.3g}), "
+                f"hold-out RMSE {100 * run['mean_holdout_rmse_relative']:.3f}% of range"
+            )
+    seeds = []
+    for seed in cfg["defaults_seeds"]:
+        prev, cur = (
+            next(r for r in runs if r["seed"] == seed and r["defaults"] == which)
+            for which in ("previous", "current")
+        )
+        seeds.append(
+            {
+                "seed": seed,
+                "speedup": prev["seconds"] / cur["seconds"],
+                "error_ratio": cur["mean_holdout_rmse_relative"]
+                / prev["mean_holdout_rmse_relative"],
+            }
+        )
+    total = {
+        which: sum(r["seconds"] for r in runs if r["defaults"] == which)
+        for which in ("previous", "current")
+    }
+    return {
+        "table": f"{cfg['defaults_rows']:,} rows x 5 inputs -> 3 targets, 20% held out",
+        "network": "3x32 sigmoid, float64, Adam (the train defaults)",
+        "previous_defaults": PREVIOUS_DEFAULTS,
+        "runs": runs,
+        "seeds": seeds,
+        "speedup_total": total["previous"] / total["current"],
+        "target": f">= {DEFAULTS_SPEEDUP_TARGET:g}x faster at an equal or better hold-out error",
+        "met": all(
+            s["speedup"] >= DEFAULTS_SPEEDUP_TARGET and s["error_ratio"] <= 1.0 for s in seeds
+        ),
+    }
+
+
 # ------------------------------------------------------------------------------ verification
 
 
@@ -1020,6 +1126,22 @@ def format_table(results: dict[str, Any]) -> str:
         lines += ["", f"3. training throughput ({tr['network']}, {tr['train_rows']} rows):"]
         for dtype, value in tr["samples_per_second"].items():
             lines.append(f"   {dtype}: {value:,.0f} samples/s")
+    de = results.get("defaults")
+    if de:
+        lines += ["", f"5. training defaults ({de['table']}, {de['network']}):"]
+        for run in de["runs"]:
+            lines.append(
+                f"   {run['defaults']:<8} seed {run['seed']}: {run['seconds']:7.1f} s, "
+                f"{run['epochs_run']:>3} epochs, batch {run['batch_size']:>4}, lr "
+                f"{run['lr']:.3g}, hold-out RMSE {100 * run['mean_holdout_rmse_relative']:.3f}% "
+                f"of range ({run['stopped']})"
+            )
+        for seed in de["seeds"]:
+            lines.append(
+                f"   seed {seed['seed']}: {seed['speedup']:.1f}x faster, error ratio "
+                f"{seed['error_ratio']:.2f}"
+            )
+        lines.append(f"   target {de['target']}: {'met' if de['met'] else 'NOT met'}")
     ver = results.get("verification")
     if ver:
         lines += ["", f"4. verification throughput ({ver['model']}, all four runtimes):"]
@@ -1111,6 +1233,22 @@ def format_markdown(results: dict[str, Any], large: dict[str, Any] | None = None
             + ", ".join(f"{k} {v:,.0f} samples/s" for k, v in tr["samples_per_second"].items())
             + " (median of runs).",
         ]
+    de = results.get("defaults")
+    if de:
+        out += [
+            "",
+            f"Training defaults ({de['table']}, {de['network']}):",
+            "",
+            "| defaults | seed | seconds | epochs | batch | lr | hold-out RMSE, % of range "
+            "(mean of targets) | stopped |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for run in de["runs"]:
+            out.append(
+                f"| {run['defaults']} | {run['seed']} | {run['seconds']:.1f} | "
+                f"{run['epochs_run']} | {run['batch_size']} | {run['lr']:.3g} | "
+                f"{100 * run['mean_holdout_rmse_relative']:.3f} | {run['stopped']} |"
+            )
     ver = results.get("verification")
     if ver:
         out += [
@@ -1148,7 +1286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         default="inference,export,training,verification",
-        help="comma-separated subset of inference,export,training,verification",
+        help="comma-separated subset of inference,export,training,verification "
+        "(and defaults, not run unless named: minutes)",
     )
     parser.add_argument("--rounds", type=int, help="override the number of inference rounds")
     parser.add_argument("--keep-work", action="store_true", help="keep bench-results/work")
@@ -1174,7 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         cfg["rounds"] = args.rounds
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"inference", "export", "training", "verification"}
+    unknown = set(sections) - {"inference", "export", "training", "verification", "defaults"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     RESULTS.mkdir(exist_ok=True)
@@ -1207,6 +1346,8 @@ def main(argv: list[str] | None = None) -> int:
         results["training"] = bench_training(cfg, log)
     if "verification" in sections:
         results["verification"] = bench_verification(work, cfg, log)
+    if "defaults" in sections:
+        results["defaults"] = bench_defaults(cfg, log)
     results["environment"]["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - t0
     text = format_table(results)

@@ -338,3 +338,17 @@ def test_manifest_records_the_data_path_absolute(capsys, tmp_path, monkeypatch):
     assert code == 0, err
     data = files.read_json(tmp_path / "m" / "manifest.json")["training"]["data"]
     assert data == str(tmp_path / "d.csv")
+
+
+def test_errors_name_the_output_directory_not_its_staging_copy(tmp_path, scalers, monkeypatch):
+    from normexport import verification
+    from normexport.errors import FormatError
+
+    def refuse(path):
+        raise FormatError(f"{path}: onnxruntime cannot load the model: NOT_IMPLEMENTED")
+
+    monkeypatch.setattr(verification, "onnxruntime_runtime", refuse)
+    with pytest.raises(FormatError) as caught:
+        exporting.export(random_net(), *scalers, tmp_path / "m")
+    assert str(caught.value).startswith(f"{tmp_path / 'm' / 'model.onnx'}: onnxruntime cannot")
+    assert ".staging" not in str(caught.value) and not (tmp_path / "m").exists()

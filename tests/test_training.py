@@ -8,11 +8,13 @@ from conftest import MXNET_SKIP
 pytestmark = pytest.mark.mxnet  # every test here needs the MXNet adapter
 pytest.importorskip("mxnet", reason=MXNET_SKIP)
 
+import itertools
+
 import numpy as np
 from conftest import smooth_problem
 
 from normexport.errors import DataError
-from normexport.mx.training import MIN_IMPROVEMENT, default_batch_size, train
+from normexport.mx.training import MIN_IMPROVEMENT, default_batch_size, default_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +127,9 @@ def test_the_plateau_schedule_halves_the_rate_when_the_hold_out_stalls():
     assert result.settings["lr_schedule"] == "plateau"
     rates = [h["lr"] for h in result.history]
     assert rates[0] == 0.05 and min(rates) < 0.05
-    for before, after in zip(rates, rates[1:]):
+    for before, after in itertools.pairwise(rates):
         assert after in (before, max(before / 2, 0.05 / 1000))
-    first_cut = next(i for i, (a, b) in enumerate(zip(rates, rates[1:])) if b < a)
+    first_cut = next(i for i, (a, b) in enumerate(itertools.pairwise(rates)) if b < a)
     losses = [h["val_loss"] for h in result.history[: first_cut + 1]]
     mark = min(losses[:-3])  # 3 epochs (half the patience) without a 0.1% improvement
     assert all(v >= mark * (1 - MIN_IMPROVEMENT) for v in losses[-3:])
@@ -140,8 +142,15 @@ def test_without_hold_out_rows_every_epoch_runs():
 
 
 @pytest.mark.parametrize(
-    ("rows", "size"),
-    [(100, 32), (4096, 32), (4097, 64), (40_000, 512), (10**6, 1024)],
+    ("rows", "size", "lr"),
+    [
+        (100, 32, 0.01),
+        (6400, 32, 0.01),
+        (6401, 64, 0.01 * 2**0.75),
+        (40_000, 256, 0.01 * 8**0.75),
+        (10**6, 1024, 0.05),
+    ],
 )
-def test_default_batch_size_grows_with_the_rows(rows, size):
+def test_default_batch_size_and_rate_grow_with_the_rows(rows, size, lr):
     assert default_batch_size(rows) == size
+    assert default_lr(size) == pytest.approx(lr)

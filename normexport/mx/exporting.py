@@ -153,7 +153,11 @@ def _export(
     out_scaler.check_target()
     scalers = scalers_to_dict(in_scaler, out_scaler, info.dtype)
     keep = [] if write_net else [f"{NET_PREFIX}-symbol.json", f"{NET_PREFIX}-0000.params"]
-    with model_directory(out_dir, keep=keep) as stage, _stages(4) as step:
+    with (
+        model_directory(out_dir, keep=keep) as stage,
+        _named_as(stage, out_dir),
+        _stages(4) as step,
+    ):
         step(f"{mode}: MXNet model and ONNX conversion")
         files.write_json(stage / SCALERS_FILE, scalers)
         if write_net:
@@ -191,6 +195,19 @@ def _export(
         for line in ([report.loosened] if report.loosened else []) + report.warnings:
             warnings.warn(f"{out_dir}: {line}", UserWarning, stacklevel=3)
     return out_dir
+
+
+@contextlib.contextmanager
+def _named_as(stage: Path, out_dir: Path) -> Iterator[None]:
+    """Errors name the directory being written, not its hidden staging directory."""
+    try:
+        yield
+    except NormexportError as exc:
+        message = str(exc)
+        if str(stage) not in message:
+            raise
+        renamed = type(exc)(message.replace(str(stage), str(out_dir)))
+        raise renamed.with_traceback(exc.__traceback__) from exc
 
 
 def _previous_export(out_dir: Path, stage: Path, force: bool) -> dict[str, Any] | None:
