@@ -21,9 +21,10 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for bad files
-        from normexport.onnxkit import validate
+        from normexport.onnxkit import load_onnx
 
-        validate(path)  # names the fault when it is the file's (a tensor's dims, recursion)
+        load_onnx(path, with_weights=False)  # names the fault when it is the file's
+
         raise FormatError(f"{path}: onnxruntime cannot load the model: {first_line(exc)}") from exc
     name = session.get_inputs()[0].name
 
