@@ -216,6 +216,17 @@ def test_export_is_what_nx_export_writes_as_model(tmp_path, problem, scalers):
     assert report.ok
 
 
+def test_nx_export_takes_the_block_and_its_scalers(tmp_path, scalers):
+    """``nx.export(block, out_dir)``: the block carries its scalers; the same bytes."""
+    block = make_block(scalers, "float32")
+    block.export(tmp_path / "block")
+    out = nx.export(block, tmp_path / "dir", mode="splice")
+    for suffix in ("-symbol.json", "-0000.params"):
+        assert (tmp_path / f"block{suffix}").read_bytes() == (out / f"model{suffix}").read_bytes()
+    with pytest.raises(nx.DataError, match="carries its scalers"):
+        nx.export(block, *scalers, tmp_path / "other")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["splice", "fold"])
 def test_nx_export_of_the_inner_net_computes_the_blocks_function(

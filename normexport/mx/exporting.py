@@ -44,6 +44,7 @@ from normexport.modeldir import (
 from normexport.mx import checkpoint as ckpt
 from normexport.mx import graph, plots
 from normexport.mx.exporter import check, check_opset, convert
+from normexport.mx.gluon import Normalized
 from normexport.mx.training import train
 from normexport.onnxkit import metadata_entries
 from normexport.scaling import (
@@ -63,9 +64,9 @@ MODES = ("splice", "fold")
 
 def export(
     model: Any,
-    in_scaler: AffineScaler,
-    out_scaler: AffineScaler,
-    out_dir: str | os.PathLike[str],
+    in_scaler: AffineScaler | str | os.PathLike[str] | None = None,
+    out_scaler: AffineScaler | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     *,
     mode: str = "splice",
     opset: int = 13,
@@ -86,7 +87,8 @@ def export(
     columns of the table ``verify_data``, streamed, if given; else on random rows over
     the training range) before it is swapped into place, and a
     failing verification raises :class:`~normexport.errors.VerificationError`
-    leaving any previous directory untouched.
+    leaving any previous directory untouched. A :class:`normexport.gluon.Normalized`
+    block carries its scalers: ``export(block, out_dir)``.
 
     ``rtol`` sets the verification tolerance on range-relative error (default: 1e-5 in
     float32, measured against a float64 evaluation, and 1e-12 in float64; a float32
@@ -97,11 +99,16 @@ def export(
     usual range: see :func:`normexport.verification.sanity_warnings`) are issued as
     ``UserWarning``; ``strict`` makes them errors.
     """
-    for name, scaler in (("in_scaler", in_scaler), ("out_scaler", out_scaler)):
-        if not isinstance(scaler, AffineScaler):
-            raise DataError(f"{name} must be a normexport scaler, got {type(scaler).__name__}")
-        if not scaler.is_fitted:
-            raise DataError(f"{name} ({type(scaler).__name__}) is not fitted; call fit(X) first")
+    if isinstance(model, Normalized):
+        if out_dir is None and out_scaler is None and isinstance(in_scaler, (str, os.PathLike)):
+            in_scaler, out_dir = None, in_scaler
+        if in_scaler is not None or out_scaler is not None:
+            raise DataError("a Normalized block carries its scalers: export(block, out_dir)")
+        model, in_scaler, out_scaler = model.checkpoint(), model.in_scaler, model.out_scaler
+    if out_dir is None:
+        raise DataError("out_dir is missing: export(model, in_scaler, out_scaler, out_dir)")
+    in_scaler = _fitted_scaler("in_scaler", in_scaler)
+    out_scaler = _fitted_scaler("out_scaler", out_scaler)
     return _export(
         lambda: _as_checkpoint(model),
         in_scaler,
@@ -117,6 +124,14 @@ def export(
         training=training,
         write_net=True,
     )
+
+
+def _fitted_scaler(name: str, scaler: Any) -> AffineScaler:
+    if not isinstance(scaler, AffineScaler):
+        raise DataError(f"{name} must be a normexport scaler, got {type(scaler).__name__}")
+    if not scaler.is_fitted:
+        raise DataError(f"{name} ({type(scaler).__name__}) is not fitted; call fit(X) first")
+    return scaler
 
 
 def _export(
