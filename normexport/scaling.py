@@ -457,7 +457,8 @@ def _given_names(
 
 def unnamed_hint(in_scaler: AffineScaler, out_scaler: AffineScaler) -> str | None:
     """How to name the columns, when they carry the default names of a factors file
-    (``x0, x1, ...`` and ``y0, y1, ...``); None when they have real names."""
+    (``x0, x1, ...`` and ``y0, y1, ...``); None when they have real names. One line, for
+    the end of an export or bake and for ``predict`` when a table lacks those columns."""
     unnamed_in = list(in_scaler.columns_) == _default_names("x", in_scaler.n_features_in_)
     unnamed_out = list(out_scaler.columns_) == _default_names("y", out_scaler.n_features_in_)
     if not (unnamed_in or unnamed_out):
@@ -465,9 +466,10 @@ def unnamed_hint(in_scaler: AffineScaler, out_scaler: AffineScaler) -> str | Non
     ins = ",".join(f"IN{i + 1}" for i in range(in_scaler.n_features_in_))
     outs = ",".join(f"OUT{i + 1}" for i in range(out_scaler.n_features_in_))
     return (
-        f"the columns carry placeholder names ({', '.join(in_scaler.columns_)} -> "
-        f"{', '.join(out_scaler.columns_)}), as a factors file has none; give the real ones "
-        f"with --inputs {ins} --targets {outs} (in the factors file's row order)"
+        f"the model's columns carry placeholder names ({', '.join(in_scaler.columns_)} -> "
+        f"{', '.join(out_scaler.columns_)}), as a factors file has none; name them by "
+        f"exporting (or baking) with --inputs {ins} --targets {outs}, in the factors file's "
+        "row order"
     )
 
 

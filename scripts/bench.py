@@ -84,7 +84,7 @@ FULL = {
     "train_repeats": 3,
     "verify_rows": (100_000, 1_000_000),
     "defaults_rows": 50_000,
-    "defaults_seeds": (0, 1),
+    "defaults_seeds": (0, 1, 2),
 }
 QUICK = {
     "rounds": 40,
@@ -908,6 +908,7 @@ PREVIOUS_DEFAULTS = {
     "patience": None,
 }
 DEFAULTS_SPEEDUP_TARGET = 4.0
+DEFAULTS_TARGET_ROWS = 50_000
 
 
 def training_problem(n: int, seed: int = 0) -> tuple[Any, Any]:
@@ -992,7 +993,9 @@ def bench_defaults(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str,
         "target": f">= {DEFAULTS_SPEEDUP_TARGET:g}x faster at an equal or better hold-out error",
         "met": all(
             s["speedup"] >= DEFAULTS_SPEEDUP_TARGET and s["error_ratio"] <= 1.0 for s in seeds
-        ),
+        )
+        if cfg["defaults_rows"] == DEFAULTS_TARGET_ROWS
+        else None,  # the target is set on 50,000 rows; --quick runs a smaller table
     }
 
 
@@ -1141,7 +1144,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"   seed {seed['seed']}: {seed['speedup']:.1f}x faster, error ratio "
                 f"{seed['error_ratio']:.2f}"
             )
-        lines.append(f"   target {de['target']}: {'met' if de['met'] else 'NOT met'}")
+        verdict = {True: "met", False: "NOT met", None: "set on 50,000 rows (a full run)"}
+        lines.append(f"   target {de['target']}: {verdict[de['met']]}")
     ver = results.get("verification")
     if ver:
         lines += ["", f"4. verification throughput ({ver['model']}, all four runtimes):"]

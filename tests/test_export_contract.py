@@ -163,7 +163,7 @@ def test_factor_names_reach_predict(capsys, trained_dir, tmp_path):
         capsys, trained_dir / "model", tmp_path / "factors.txt", tmp_path / "unnamed"
     )
     assert code == 0, err
-    assert "note: the columns carry placeholder names (x0, x1, x2 -> y0, y1)" in out
+    assert "note: the model's columns carry placeholder names (x0, x1, x2 -> y0, y1)" in out
     assert "--inputs IN1,IN2,IN3 --targets OUT1,OUT2" in out
     # with names: predict reads the user's own table by them
     names = ("--inputs", ",".join(INPUTS), "--targets", ",".join(TARGETS))

@@ -28,6 +28,10 @@ DEFAULT_HIDDEN = (32, 32, 32)
 DEFAULT_EPOCHS = 300  # a maximum: training stops earlier when the hold-out stops improving
 DEFAULT_PATIENCE = 20  # epochs without a hold-out improvement before training stops
 MIN_IMPROVEMENT = 1e-3  # an improvement is a relative drop of the hold-out loss by this much
+# Stalls are judged on an exponential average of the hold-out loss: at the rates that
+# learn fastest it jumps by a factor of 2-3 from epoch to epoch, and one lucky epoch
+# would otherwise look like a best that the next ten cannot beat.
+SMOOTHING = 0.7
 # The default batch size grows with the rows: the smallest power of two of at least 32
 # rows that leaves at most STEPS_PER_EPOCH optimizer steps per epoch (at most 1024); the
 # default learning rate grows with it, from 0.01 at batch 32 to at most 0.05.
@@ -234,6 +238,7 @@ def train(
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_params = np.inf, 0, None
     mark, mark_epoch = np.inf, 0  # the loss to beat by MIN_IMPROVEMENT, and when it was set
+    smoothed = None  # the hold-out loss averaged over the last epochs (SMOOTHING)
     wait = max(1, (patience or DEFAULT_PATIENCE) // 2)  # plateau: epochs before halving
     current_lr, last_cut = lr, 0
     stopped = f"reached the maximum of {epochs} epochs"
@@ -254,8 +259,13 @@ def train(
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
                 best_params = {k: p.data().copy() for k, p in net.collect_params().items()}
-            if val_loss < mark * (1 - MIN_IMPROVEMENT):
-                mark, mark_epoch = val_loss, epoch
+            smoothed = (
+                val_loss
+                if smoothed is None
+                else (SMOOTHING * smoothed + (1 - SMOOTHING) * val_loss)
+            )
+            if smoothed < mark * (1 - MIN_IMPROVEMENT):
+                mark, mark_epoch = smoothed, epoch
             bar.set_postfix(train=f"{train_loss:.3g}", val=f"{val_loss:.3g}", refresh=False)
             bar.update(1)
             if (
