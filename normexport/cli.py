@@ -24,6 +24,7 @@ signal.signal(signal.SIGINT, _interrupted_early)
 import argparse
 import os
 import textwrap
+import threading
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -305,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="convert to this opset (default: keep)")
     p.add_argument("--rename", action="store_true", help="name the input/output input/output")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
-    p.add_argument("--data", metavar="DATA.csv", help="rows for verification")
+    p.add_argument("--data", metavar="DATA", help="rows for verification (.csv, .parquet, dataset)")
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="stop a model that runs longer than this in all (300; inf for no limit)",
+    )
     p.add_argument(
         "--repair",
         action="store_true",
@@ -340,12 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    if threading.current_thread() is threading.main_thread():  # signals are main-thread only
+        signal.signal(signal.SIGINT, on_interrupt)
     debug = "--debug" in argv
     warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
-        return int(_VERBS[args.verb](args) or EXIT_OK)
+        with warnings.catch_warnings():
+            # Numeric RuntimeWarnings (overflow in exp, ...) are noise on a terminal:
+            # verification judges the numbers. Warnings meant for the user are UserWarnings.
+            warnings.filterwarnings("ignore", category=RuntimeWarning)
+            return int(_VERBS[args.verb](args) or EXIT_OK)
     except SystemExit as exc:  # --help and --version
         return int(exc.code or 0)
     except BrokenPipeError:
@@ -550,6 +562,7 @@ def _bake(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             data=args.data,
             repair=args.repair,
+            timeout=args.timeout,
         )
     for note in result.notes:
         print(note, file=sys.stderr)
