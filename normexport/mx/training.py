@@ -214,6 +214,7 @@ def train(
         )
     trainer = gluon.Trainer(net.collect_params(), "adam", optimizer_params)
     loss_fn = gluon.loss.L2Loss()
+    loss_fn.hybridize(static_alloc=True, static_shape=True)
 
     x_train, y_train = Xn[train_idx], Yn[train_idx]
     x_val, y_val = (Xn[val_idx], Yn[val_idx]) if n_val else (x_train, y_train)
