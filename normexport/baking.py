@@ -28,7 +28,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,8 @@ def bake(
     rtol: float | None = None,
     repair: bool = False,
     timeout: float | None = None,
+    inputs: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
 ) -> BakeResult:
     """Write ``onnx_out``: ``onnx_in`` with input normalization and output
     de-normalization baked in (raw in, raw out).
@@ -134,6 +136,9 @@ def bake(
         output width and the verification; default :data:`DEFAULT_TIMEOUT`, 300;
         ``math.inf`` for no limit). A model still running then is stopped and refused,
         naming the node that was running.
+    inputs, targets
+        With ``factors``: the column names, in the file's row order (default ``x0, ...``
+        and ``y0, ...``); they go into the metadata and name the columns of ``data``.
 
     ``onnx_out`` may be a FIFO or a device (written to as a stream, never replaced) or a
     symbolic link (the file it names is replaced; the link stays). While a bake writes a
@@ -176,6 +181,7 @@ def bake(
             data,
             rtol,
             repair,
+            (inputs, targets),
         )
 
 
@@ -193,6 +199,7 @@ def _bake(
     data: str | os.PathLike[str] | None,
     rtol: float | None,
     repair: bool,
+    names: tuple[Sequence[str] | None, Sequence[str] | None],
 ) -> BakeResult:
     model = load_model(src)
     shape = describe(src, model)
@@ -202,7 +209,7 @@ def _bake(
     )
     if verify:
         check_fixed_batch(src, shape, "verify it", hint=", or bake with --no-verify")
-    in_scaler, out_scaler = _scalers(src, shape, source)
+    in_scaler, out_scaler = _scalers(src, shape, source, *names)
     rows = _data_rows(data, in_scaler) if verify and data is not None else None
     external = _uses_external_data(model) or _weight_bytes(model) > onnxkit.EXTERNAL_DATA_THRESHOLD
     if external and target.stream:
@@ -595,9 +602,19 @@ def _load_source(factors: Any, scalers: Any) -> _Source:
     return _Source(source, scalers=(in_scaler, out_scaler))
 
 
-def _scalers(src: Path, shape: ModelShape, source: _Source) -> tuple[AffineScaler, AffineScaler]:
+def _scalers(
+    src: Path,
+    shape: ModelShape,
+    source: _Source,
+    inputs: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+) -> tuple[AffineScaler, AffineScaler]:
     if source.factors is not None:
-        return factors_to_scalers(source.factors, shape.n_in, shape.n_out, source.label)
+        return factors_to_scalers(
+            source.factors, shape.n_in, shape.n_out, source.label, inputs=inputs, targets=targets
+        )
+    if inputs is not None or targets is not None:
+        raise DataError("--inputs and --targets name the columns of --factors; --scalers has them")
     assert source.scalers is not None
     in_scaler, out_scaler = source.scalers
     for side, scaler, width, name in (

@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop a model that runs longer than this in all (300; inf for no limit)",
     )
     p.add_argument(
+        "--inputs", type=_columns, metavar="A,B,...", help="with --factors: input column names"
+    )
+    p.add_argument(
+        "--targets", type=_columns, metavar="U,V,...", help="with --factors: target column names"
+    )
+    p.add_argument(
         "--repair",
         action="store_true",
         help="repair an output Reshape(-1, 1) that interleaves the outputs into rows",
@@ -563,6 +569,8 @@ def _bake(args: argparse.Namespace) -> int:
             data=args.data,
             repair=args.repair,
             timeout=args.timeout,
+            inputs=args.inputs,
+            targets=args.targets,
         )
     for note in result.notes:
         print(note, file=sys.stderr)

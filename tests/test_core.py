@@ -117,3 +117,23 @@ def test_predictions_match_the_mxnet_profile(tmp_path):
     mxnet = np.loadtxt(DATA / "mxnet_predictions.txt")
     span = np.ptp(mxnet, axis=0)
     assert (np.abs(here - mxnet) / span).max() < 1e-5
+
+
+def test_bake_names_the_factor_columns(tmp_path, capsys):
+    from normexport.cli import main
+
+    model = tmp_path / "m.onnx"
+    onnx.save_model(gemm_mlp(), str(model))
+    factors = tmp_path / "f.txt"
+    (in_scale, in_shift), (out_scale, out_shift) = affines(3, 2)
+    np.savetxt(factors, np.column_stack([np.r_[in_scale, out_scale], np.r_[in_shift, out_shift]]))
+    out = tmp_path / "b.onnx"
+    argv = ["bake", str(model), "--factors", str(factors), "--out", str(out)]
+    assert main([*argv, "--inputs", "a,b,c", "--targets", "u,v"]) == 0
+    doc = json.loads(
+        {p.key: p.value for p in onnx.load(str(out)).metadata_props}["normexport.scalers"]
+    )
+    assert doc["inputs"]["columns"] == ["a", "b", "c"] and doc["outputs"]["columns"] == ["u", "v"]
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "c.onnx"), "--inputs", "a,b"]) == 2
+    assert "3" in capsys.readouterr().err
