@@ -10,7 +10,7 @@ import pytest
 
 import normexport as nx
 
-# Range-relative tolerances by dtype (DESIGN.md "Verification"). De-normalizing multiplies
+# Range-relative tolerances by dtype (docs/cli.md, "export: tolerance ..."). De-normalizing multiplies
 # the network's float error by each output's range, so errors are compared relative to it.
 RTOL = {"float32": 1e-5, "float64": 1e-12}
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "softrelu"]

@@ -436,7 +436,7 @@ def test_convert_opset():
 
 finite_scale = st.floats(1e-3, 1e3).flatmap(lambda m: st.sampled_from([m, -m]))
 # Shifts up to ten times the span: far larger ones leave float32 ill-conditioned in either
-# mode (DESIGN.md, "Fold precision"), and the raw output itself cannot carry the digits.
+# mode (docs/fold.md, "Conditioning"), and the raw output itself cannot carry the digits.
 offset = st.floats(-10, 10)
 
 

@@ -14,7 +14,7 @@ function itself (the Gluon net between the scalers), and splice and fold must ag
 Conditioning bounds the offsets, not the software: a column whose values sit ``k``
 widths from zero loses ``log10(k)`` of its significant digits before any arithmetic,
 in the raw input or output value itself (one float32 ulp of a value 100 widths from
-zero is 8e-6 of the width, against a 1e-5 tolerance; docs/fold.md), and
+zero is 8e-6 of the width, against a 1e-5 tolerance; docs/fold.md, "Conditioning"), and
 fold's ``b + W·t`` cancels against ``W·diag(s)·x`` at that magnitude. Measured on 12
 random tanh nets per line (splice / fold passing): float32, offsets up to 1e3: 11 / 0;
 up to 1e2: 11 / 9; float64, up to 1e5: 12 / 0; up to 1e3: 12 / 12. ``MAX_OFFSET`` keeps
