@@ -261,13 +261,14 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
-def model_scalers(path: Path) -> tuple[AffineScaler, AffineScaler, str]:
-    """Scalers of a model directory (``scalers.json``) or ONNX file (its metadata)."""
+def model_scalers(path: Path, model: Any = None) -> tuple[AffineScaler, AffineScaler, str]:
+    """Scalers of a model directory (``scalers.json``) or ONNX file (its metadata; pass
+    the ``model`` already loaded to spare reading the file again)."""
     if path.is_dir():
         return load_scalers(path / SCALERS_FILE)
     from normexport.onnxkit import load_onnx, read_metadata
 
-    meta = read_metadata(load_onnx(path, with_weights=False))
+    meta = read_metadata(model if model is not None else load_onnx(path, with_weights=False))
     if "normexport.scalers" not in meta:
         raise NormexportError(f"{path}: has no normexport.scalers metadata; bake it first")
     doc = files.parse_json(meta["normexport.scalers"], f"{path}: metadata normexport.scalers")

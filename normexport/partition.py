@@ -193,8 +193,9 @@ def read_model(model: str | os.PathLike[str]) -> tuple[Path, AffineScaler, Affin
     onnx_path = path / ONNX_FILE if path.is_dir() else path
     if not onnx_path.is_file():
         raise NormexportError(f"{onnx_path}: no such file")
-    in_scaler, out_scaler, dtype = model_scalers(path)
-    graph = load_onnx(onnx_path, with_weights=False).graph
+    loaded = load_onnx(onnx_path, with_weights=False)  # read once: graph and metadata
+    in_scaler, out_scaler, dtype = model_scalers(path, loaded)
+    graph = loaded.graph
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise FormatError(f"{onnx_path}: expected one input and one output")
