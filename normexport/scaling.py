@@ -169,6 +169,14 @@ class AffineScaler:
         constant: np.ndarray,
         target: bool,
     ) -> None:
+        with np.errstate(over="ignore"):
+            spans = self.data_max_ - self.data_min_
+        for name, span in zip(names, spans, strict=True):
+            if not np.isfinite(span):  # e.g. -1e308 .. 1e308: every later step overflows
+                raise DataError(
+                    f"column {name!r}: its range {span} overflows float64; rescale the column"
+                )
+        check_values(scale, shift, [f"column {n!r}" for n in names], "fitted scaler")
         self.columns_ = names
         self.n_features_in_ = len(names)
         self.constant_columns_ = [n for n, c in zip(names, constant, strict=True) if c]

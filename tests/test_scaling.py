@@ -202,3 +202,10 @@ def test_scalers_document_refusals(edit, message):
     edit(doc)
     with pytest.raises((DataError, FormatError), match=message):
         scalers_from_dict(doc, "scalers.json")
+
+
+@pytest.mark.parametrize("scaler", [nx.MinMaxScaler, nx.StandardScaler])
+def test_a_range_that_overflows_float64_is_refused_naming_the_column(scaler):
+    X = np.array([[1e308, 0.0], [-1e308, 1.0]])
+    with pytest.raises(nx.DataError, match="column 'a': its range inf overflows float64"):
+        scaler().fit(X, columns=["a", "b"])
