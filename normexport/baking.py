@@ -48,7 +48,13 @@ from normexport.errors import (
     VerificationError,
     first_line,
 )
-from normexport.scaling import AffineScaler, factors_to_scalers, scalers_from_dict, scalers_to_dict
+from normexport.scaling import (
+    AffineScaler,
+    factors_to_scalers,
+    scalers_from_dict,
+    scalers_to_dict,
+    unnamed_hint,
+)
 from normexport.verification import (
     RANDOM_ROWS,
     Runtime,
@@ -74,6 +80,7 @@ class BakeResult:
     written: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
+    hint: str | None = None  # how to name placeholder columns (see scaling.unnamed_hint)
 
 
 def bake(
@@ -92,6 +99,7 @@ def bake(
     timeout: float | None = None,
     inputs: Sequence[str] | None = None,
     targets: Sequence[str] | None = None,
+    strict: bool = False,
 ) -> BakeResult:
     """Write ``onnx_out``: ``onnx_in`` with input normalization and output
     de-normalization baked in (raw in, raw out).
@@ -139,6 +147,11 @@ def bake(
     inputs, targets
         With ``factors``: the column names, in the file's row order (default ``x0, ...``
         and ``y0, ...``); they go into the metadata and name the columns of ``data``.
+    strict
+        Refuse (and write nothing) when verification raises a sanity warning: outputs
+        constant over the verification rows, or ``data`` rows that normalize far outside
+        the usual range, both signs of wrong factors. Without it each warning is issued
+        as a ``UserWarning`` and the model is written.
 
     ``onnx_out`` may be a FIFO or a device (written to as a stream, never replaced) or a
     symbolic link (the file it names is replaced; the link stays). While a bake writes a
@@ -159,6 +172,8 @@ def bake(
     """
     src, dst = Path(onnx_in), Path(onnx_out)
     _check_options(factors, scalers, mode, opset, rtol, timeout)
+    if strict and not verify:
+        raise DataError("strict needs verification: its checks run on the verification rows")
     if dst.is_dir():
         raise NormexportError(f"{dst}: is a directory; --out needs a file name")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
@@ -182,6 +197,7 @@ def bake(
             rtol,
             repair,
             (inputs, targets),
+            strict,
         )
 
 
@@ -200,6 +216,7 @@ def _bake(
     rtol: float | None,
     repair: bool,
     names: tuple[Sequence[str] | None, Sequence[str] | None],
+    strict: bool,
 ) -> BakeResult:
     model = load_model(src)
     shape = describe(src, model)
@@ -261,6 +278,8 @@ def _bake(
                     f"{src}: the baked model disagrees with the original beyond tolerance; "
                     f"nothing written\n{report.table()}"
                 )
+            if strict and report is not None and report.warnings:
+                raise DataError(f"{src}: --strict: {report.warnings[0]}; nothing written")
             written = []
             for path in reversed(staged):  # the data file first, the model (which names it) last
                 where = (
@@ -271,7 +290,10 @@ def _bake(
                 written.append(files.publish(path, where))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return BakeResult(dst, plan.to_dict(), report, written[::-1], notes, changes)
+    for line in report.warnings if report is not None else []:
+        warnings.warn(f"{src}: {line}", UserWarning, stacklevel=3)
+    hint = unnamed_hint(in_scaler.columns_, out_scaler.columns_)
+    return BakeResult(dst, plan.to_dict(), report, written[::-1], notes, changes, hint)
 
 
 @contextlib.contextmanager

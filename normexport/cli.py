@@ -35,6 +35,7 @@ from normexport import __version__
 from normexport.errors import NormexportError, VerificationError, first_line
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
+STRICT_HELP = "fail on sanity warnings (constant output, inputs far outside the range)"
 
 
 class UserError(NormexportError):
@@ -208,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a model directory of a different network at --out",
     )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="fail on sanity warnings (constant output, inputs far outside the range)",
-    )
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.add_argument(
         "--data",
         metavar="DATA",
@@ -306,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="convert to this opset (default: keep)")
     p.add_argument("--rename", action="store_true", help="name the input/output input/output")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.add_argument("--data", metavar="DATA", help="rows for verification (.csv, .parquet, dataset)")
     p.add_argument(
         "--timeout",
@@ -478,7 +476,8 @@ def _export(args: argparse.Namespace) -> int:
                 warning.message, warning.category, warning.filename, warning.lineno
             )
     print(describe_directory(out))
-    hint = unnamed_hint(*load_scalers(Path(out) / "scalers.json")[:2])
+    in_scaler, out_scaler, _ = load_scalers(Path(out) / "scalers.json")
+    hint = unnamed_hint(in_scaler.columns_, out_scaler.columns_)
     if hint:
         print(f"note: {hint}")
     return EXIT_OK
@@ -571,15 +570,20 @@ def _bake(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             inputs=args.inputs,
             targets=args.targets,
+            strict=args.strict,
         )
     for note in result.notes:
         print(note, file=sys.stderr)
+    for line in result.report.warnings if result.report is not None else []:
+        print(f"normexport: warning: {line}", file=sys.stderr)
     for change in result.changes:
         print(f"changed: {change}", file=sys.stderr)
     if result.report is not None:
         print(result.report.table())
     sides = ", ".join(f"{side} {result.plan[side]}" for side in ("input", "output"))
     print(f"wrote {args.out} (mode {args.mode}: {sides})")
+    if result.hint:
+        print(f"note: {result.hint}")
     return EXIT_OK
 
 

@@ -137,6 +137,21 @@ class PartitionPredictor:
             X[:, j] = fits(_finite(values, name, prefix), self.dtype, name, prefix)
         return X
 
+    def read_batches(self, path: str | os.PathLike[str], **options: Any) -> Iterator[Any]:
+        """The model's input columns (and ``keep``) of the table at ``path``, streamed as
+        :class:`normexport.tables.Batch` es (``options`` as for ``tables.iter_batches``).
+        A missing column of a model with placeholder names says how to name them."""
+        from normexport import tables
+        from normexport.scaling import unnamed_hint
+
+        try:
+            return tables.iter_batches(path, [self.inputs], keep=self.keep, **options)
+        except tables.MissingColumnError as exc:
+            hint = unnamed_hint(self.inputs, self.targets)
+            if hint is None:
+                raise
+            raise tables.MissingColumnError(f"{exc}; {hint}") from None
+
     def model_inputs(self, X: np.ndarray, where: str, first_row: int = 0) -> np.ndarray:
         """Finite float64 input rows (as the table layer gives them) in the model's dtype;
         a value the dtype cannot hold is an error naming ``where``, its row and column."""

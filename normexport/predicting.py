@@ -46,13 +46,8 @@ def predict(
     rows keep the input's order. The output file appears only when complete.
     """
     predictor = partition_predictor(model, keep, batch_rows=batch_rows, threads=os.cpu_count() or 1)
-    batches = tables.iter_batches(
-        data,
-        [predictor.inputs],
-        keep=predictor.keep,
-        batch_rows=batch_rows,
-        delimiter=delimiter,
-        allow_missing=allow_missing,
+    batches = predictor.read_batches(
+        data, batch_rows=batch_rows, delimiter=delimiter, allow_missing=allow_missing
     )
     names = [*predictor.keep, *predictor.targets]
     rows = 0

@@ -463,19 +463,19 @@ def _given_names(
     return names
 
 
-def unnamed_hint(in_scaler: AffineScaler, out_scaler: AffineScaler) -> str | None:
-    """How to name the columns, when they carry the default names of a factors file
-    (``x0, x1, ...`` and ``y0, y1, ...``); None when they have real names. One line, for
-    the end of an export or bake and for ``predict`` when a table lacks those columns."""
-    unnamed_in = list(in_scaler.columns_) == _default_names("x", in_scaler.n_features_in_)
-    unnamed_out = list(out_scaler.columns_) == _default_names("y", out_scaler.n_features_in_)
-    if not (unnamed_in or unnamed_out):
+def unnamed_hint(inputs: Sequence[str], targets: Sequence[str]) -> str | None:
+    """How to name the columns, when ``inputs`` or ``targets`` are the placeholder names
+    of a factors file (``x0, x1, ...`` and ``y0, y1, ...``); None when they have real
+    names. One line, for the end of an export or bake and for ``predict`` when a table
+    lacks those columns."""
+    inputs, targets = list(inputs), list(targets)
+    if inputs != _default_names("x", len(inputs)) and targets != _default_names("y", len(targets)):
         return None
-    ins = ",".join(f"IN{i + 1}" for i in range(in_scaler.n_features_in_))
-    outs = ",".join(f"OUT{i + 1}" for i in range(out_scaler.n_features_in_))
+    ins = ",".join(f"IN{i + 1}" for i in range(len(inputs)))
+    outs = ",".join(f"OUT{i + 1}" for i in range(len(targets)))
     return (
-        f"the model's columns carry placeholder names ({', '.join(in_scaler.columns_)} -> "
-        f"{', '.join(out_scaler.columns_)}), as a factors file has none; name them by "
+        f"the model's columns carry placeholder names ({', '.join(inputs)} -> "
+        f"{', '.join(targets)}), as a factors file has none; name them by "
         f"exporting (or baking) with --inputs {ins} --targets {outs}, in the factors file's "
         "row order"
     )

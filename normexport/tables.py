@@ -55,6 +55,10 @@ _HINT_DELIMITERS = {";": "';'", "\t": "'\\t'", "|": "'|'", ",": "','"}
 _MAX_LISTED = 20  # columns named in a "no column named" message
 
 
+class MissingColumnError(DataError):
+    """The table has no column of a name asked for."""
+
+
 @dataclass
 class Batch:
     """One streamed batch: float64 ``(rows, len(group))`` arrays per group, kept columns."""
@@ -182,7 +186,7 @@ class _Source:
         if name not in self.header:
             listed = ", ".join(self.header[:_MAX_LISTED])
             more = ", ..." if len(self.header) > _MAX_LISTED else ""
-            raise DataError(
+            raise MissingColumnError(
                 f"{self.path}: no column named {name!r} (columns: {listed}{more}){self.hint()}"
             )
 
@@ -440,7 +444,7 @@ class _Parquet(_Source):
                 schema = reader.schema_arrow
                 for name in names:  # a dataset's later files must hold the columns too
                     if name not in schema.names:
-                        raise DataError(f"{file}: no column named {name!r}")
+                        raise MissingColumnError(f"{file}: no column named {name!r}")
                 for name in numeric:
                     self.require_number(name, schema, file)
                 in_file = 0

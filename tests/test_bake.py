@@ -271,6 +271,74 @@ def test_data_csv_rows_by_name_or_by_count(tmp_path, problem_scalers):
     assert not (tmp_path / "c.onnx").exists()
 
 
+# ------------------------------------------------------------------------------ sanity
+
+
+def test_wrong_factors_warn_and_strict_refuses(tmp_path, mlp_file, capsys):
+    """Factors kept as (min, max) rows: the runtimes agree (verification passes), but the
+    user's rows normalize far outside any training range. bake warns, one line each, and
+    --strict refuses and writes nothing."""
+    from normexport.cli import main
+
+    model_path, _, in_affine, out_affine = mlp_file
+    X = raw_rows(in_affine, n=50)
+    data = tmp_path / "rows.csv"
+    np.savetxt(data, X, delimiter=",", header="x0,x1,x2", comments="")
+    low, high = X.min(0), X.max(0)
+    wrong = np.vstack([np.column_stack([low, high]), np.column_stack(out_affine)])
+    np.savetxt(tmp_path / "wrong.txt", wrong)
+    args = ["bake", str(model_path), "--factors", str(tmp_path / "wrong.txt"), "--data", str(data)]
+
+    assert main([*args, "--out", str(tmp_path / "w.onnx")]) == 0
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("normexport: warning: ") and "lie far outside" in line, err
+    assert "(min, max) rows in place of (scale, shift)" in line
+    assert "warning: the normalized inputs lie far outside" in out  # and in the report
+    assert "note: the model's columns carry placeholder names (x0, x1, x2 -> y0, y1)" in out
+    assert (tmp_path / "w.onnx").is_file()
+
+    assert main([*args, "--out", str(tmp_path / "s.onnx"), "--strict"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("normexport: error: ") and "--strict: the normalized inputs" in line
+    assert not (tmp_path / "s.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "factors.txt", "model.onnx", "rows.csv", "w.onnx", "wrong.txt",
+    ]  # fmt: skip
+
+    # the right factors, named: silent, no note
+    right = tmp_path / "factors.txt"
+    names = ["--inputs", "a,b,c", "--targets", "u,v"]
+    np.savetxt(data, X, delimiter=",", header="a,b,c", comments="")
+    code = main([*args[:3], str(right), "--data", str(data), *names, "--strict", "--out",
+                 str(tmp_path / "r.onnx")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "" and "note:" not in out, err
+    # predict with the placeholder-named model on the user's table says how to name them
+    assert main(["predict", str(tmp_path / "w.onnx"), str(data)]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert "rows.csv: no column named 'x0' (columns: a, b, c)" in line, line
+    assert "--inputs IN1,IN2,IN3 --targets OUT1,OUT2" in line and out == ""
+
+
+def test_strict_warns_through_the_api_and_needs_verification(tmp_path, mlp_file):
+    model_path, _, in_affine, out_affine = mlp_file
+    X = raw_rows(in_affine, n=50)
+    data = tmp_path / "rows.csv"
+    np.savetxt(data, X, delimiter=",", header="x0,x1,x2", comments="")
+    swapped = factors_of(in_affine[::-1], out_affine)  # (shift, scale) rows for the inputs
+    with pytest.warns(UserWarning, match="model.onnx: the normalized inputs lie far outside"):
+        result = baking.bake(model_path, tmp_path / "w.onnx", factors=swapped, data=data)
+    assert result.report.ok and len(result.report.warnings) == 1
+    with pytest.raises(DataError, match="--strict: the normalized inputs lie far outside"):
+        baking.bake(model_path, tmp_path / "s.onnx", factors=swapped, data=data, strict=True)
+    assert not (tmp_path / "s.onnx").exists()
+    with pytest.raises(DataError, match="strict needs verification"):
+        baking.bake(model_path, tmp_path / "n.onnx", factors=swapped, strict=True, verify=False)
+
+
 def test_no_verify_skips_the_check(tmp_path, mlp_file):
     model_path, factors, *_ = mlp_file
     result = baking.bake(model_path, tmp_path / "b.onnx", factors=factors, verify=False)

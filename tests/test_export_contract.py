@@ -165,6 +165,9 @@ def test_factor_names_reach_predict(capsys, trained_dir, tmp_path):
     assert code == 0, err
     assert "note: the model's columns carry placeholder names (x0, x1, x2 -> y0, y1)" in out
     assert "--inputs IN1,IN2,IN3 --targets OUT1,OUT2" in out
+    # predict on the user's own table then says the same, not just "no column named 'x0'"
+    code, out, err = run(capsys, "predict", tmp_path / "unnamed", data)
+    one_line_error(code, err, "no column named 'x0'", "--inputs IN1,IN2,IN3 --targets OUT1,OUT2")
     # with names: predict reads the user's own table by them
     names = ("--inputs", ",".join(INPUTS), "--targets", ",".join(TARGETS))
     code, out, err = export_factors(

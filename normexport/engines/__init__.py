@@ -79,7 +79,6 @@ def check_partitions(
     """Refuse bad input before any work, as the workers would: missing columns, non-numeric
     Parquet columns, non-numeric values in a CSV file's first block, unreadable files, and
     an OUT_DIR that would overwrite an input. Reads footers, headers and first blocks only."""
-    from normexport import tables
 
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
@@ -87,9 +86,7 @@ def check_partitions(
     for part in parts:
         if Path(part.source) == out / part.output:
             raise DataError(f"{part.source}: OUT_DIR {out} would overwrite this input")
-        batches = tables.iter_batches(
-            part.source, [predictor.inputs], keep=predictor.keep, batch_rows=1
-        )
+        batches = predictor.read_batches(part.source, batch_rows=1)
         if part.kind == "csv":  # CSV has no types: its first block's values stand in
             next(batches)
 
@@ -140,8 +137,6 @@ def predict_file(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from normexport import tables
-
     stat = _stat(part.source)
     record = {
         "input": part.source,
@@ -152,9 +147,7 @@ def predict_file(
         "keep": list(predictor.keep),
         "targets": list(predictor.targets),
     }
-    batches = tables.iter_batches(
-        part.source, [predictor.inputs], keep=predictor.keep, batch_rows=predictor.batch_rows
-    )
+    batches = predictor.read_batches(part.source, batch_rows=predictor.batch_rows)
     names = [*predictor.keep, *predictor.targets]
     with files.atomic_path(Path(out_dir) / part.output) as tmp:
         writer = None
