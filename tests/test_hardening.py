@@ -490,6 +490,11 @@ SYMBOL_CASES = [
         ("wide.json", "num_hidden", "out of range"),
     ),
     Case(
+        "5000-digit-num-hidden",  # beyond Python's int-from-string limit
+        symbol_edit("digits.json", _set(["nodes", 3, "attrs", "num_hidden"], "9" * 5000)),
+        ("digits.json", "num_hidden", "out of range"),
+    ),
+    Case(
         "zero-num-hidden",
         symbol_edit("zero.json", _set(["nodes", 3, "attrs", "num_hidden"], "0")),
         ("zero.json", "num_hidden", "out of range"),
@@ -1482,6 +1487,14 @@ def test_size_limits_apply_before_reading(capsys, ws, monkeypatch):
     monkeypatch.setattr(checkpoint, "MAX_NODES", 5)
     code, out, err = run_cli(capsys, export_argv()(ws))
     assert_one_line_error(code, out, err, ("net-symbol.json", "expected 1 to 5"))
+    # a net at exactly the node limit is refused up front: its spliced copy would exceed it
+    monkeypatch.undo()
+    nodes = len(json.loads(Path(ws.symbol).read_text())["nodes"])
+    monkeypatch.setattr(checkpoint, "MAX_NODES", nodes)
+    code, out, err = run_cli(capsys, export_argv()(ws))
+    assert_one_line_error(
+        code, out, err, ("net-symbol.json", f"{nodes} nodes", f"at most {nodes - 64}")
+    )
 
 
 class _Payload:

@@ -37,8 +37,10 @@ from normexport.mxparams import read_params
 MAX_SYMBOL_BYTES = 64 * 1024 * 1024
 MAX_PARAMS_BYTES = 64 * 1024**3
 MAX_NODES = 100_000
+SPLICE_NODES = 64  # room the splice needs in a net's symbol: its nodes stay within MAX_NODES
 MAX_ELEMENTS = 2**34  # one tensor of more than 16 Gi elements is not a regression net
 MAX_COUNT = 4096  # num_outputs, num_args, ...: how many outputs or inputs an op may declare
+_MAX_DIGITS = 20  # longer integers are out of range without being converted (Python limits that)
 _COUNT_ATTRS = ("num_outputs", "num_args")
 _SIZE_ATTRS = ("num_hidden", "num_filter", "input_dim", "output_dim", "state_size")
 _SHAPE_ATTRS = ("__shape__", "shape", "target_shape")
@@ -128,6 +130,17 @@ def load_symbol(path: str | os.PathLike[str]) -> mx.sym.Symbol:
         return mx.sym.load_json(json.dumps(doc))
     except mx.base.MXNetError as exc:
         raise FormatError(f"{path}: MXNet cannot load this symbol: {first_line(exc)}") from exc
+
+
+def check_room_to_splice(symbol: mx.sym.Symbol, source: str) -> None:
+    """Refuse, before any work, a net whose spliced symbol would exceed :data:`MAX_NODES`."""
+    nodes = len(json.loads(symbol.tojson())["nodes"])
+    if nodes > MAX_NODES - SPLICE_NODES:
+        raise FormatError(
+            f"{source}: {nodes} nodes; the exported model adds up to {SPLICE_NODES} to the "
+            f"net's, within the {MAX_NODES}-node limit, so a net may have at most "
+            f"{MAX_NODES - SPLICE_NODES}"
+        )
 
 
 def validate_symbol_json(doc: Any, source: str) -> None:
@@ -278,8 +291,11 @@ def _check_sizes(attrs: dict[str, str], where: str) -> None:
     for key, text in attrs.items():
         if not _INTEGERS.match(text):
             continue
-        numbers = [int(v) for v in re.findall(r"-?\d+", text)]
-        if len(numbers) > MAX_COUNT or any(abs(v) > MAX_ELEMENTS for v in numbers):
+        digits = re.findall(r"-?\d+", text)
+        if len(digits) > MAX_COUNT or any(len(v) > _MAX_DIGITS for v in digits):
+            raise FormatError(f"{where}: {key}={_clip(text)} is out of range")
+        numbers = [int(v) for v in digits]
+        if any(abs(v) > MAX_ELEMENTS for v in numbers):
             raise FormatError(f"{where}: {key}={_clip(text)} is out of range")
         if key in _COUNT_ATTRS and not all(0 < v <= MAX_COUNT for v in numbers):
             raise FormatError(f"{where}: {key}={text} is out of range (1 to {MAX_COUNT})")

@@ -358,17 +358,26 @@ def train_to_directory(
 
 
 def _as_checkpoint(model: Any) -> Any:
+    """The checkpoint of a prefix, a tuple or a block, with room for the splice."""
     if isinstance(model, (str, os.PathLike)):
-        prefix = str(model)
-        return ckpt.load_checkpoint(f"{prefix}-symbol.json", f"{prefix}-0000.params")
+        return _load_for_export(f"{model}-symbol.json", f"{model}-0000.params")
     if isinstance(model, tuple) and len(model) == 3:
-        return graph.Checkpoint(*model)
-    if hasattr(model, "collect_params"):
-        return graph.from_block(model)
-    raise DataError(
-        "model must be a Gluon HybridBlock, a checkpoint prefix, or "
-        f"(symbol, arg_params, aux_params); got {type(model).__name__}"
-    )
+        checkpoint = graph.Checkpoint(*model)
+    elif hasattr(model, "collect_params"):
+        checkpoint = graph.from_block(model)
+    else:
+        raise DataError(
+            "model must be a Gluon HybridBlock, a checkpoint prefix, or "
+            f"(symbol, arg_params, aux_params); got {type(model).__name__}"
+        )
+    ckpt.check_room_to_splice(checkpoint.symbol, "the network")
+    return checkpoint
+
+
+def _load_for_export(symbol: str | os.PathLike[str], params: str | os.PathLike[str]) -> Any:
+    checkpoint = ckpt.load_checkpoint(symbol, params)
+    ckpt.check_room_to_splice(checkpoint.symbol, str(symbol))
+    return checkpoint
 
 
 def _write_model_files(
@@ -481,7 +490,7 @@ def export_files(
         raise DataError("give exactly one of scalers or factors")
     if scalers is not None and (inputs is not None or targets is not None):
         raise DataError(f"{scalers} names the columns; --inputs and --targets go with --factors")
-    model = ckpt.load_checkpoint(symbol, params)
+    model = _load_for_export(symbol, params)
     if scalers is not None:
         in_scaler, out_scaler, dtype = load_scalers(scalers)
         try:
