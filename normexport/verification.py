@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,9 @@ class VerificationReport:
     rounding: dict[str, float] = field(default_factory=dict)
     loosened: str = ""
     warnings: list[str] = field(default_factory=list)
+    # rows of finite inputs whose outputs are not finite: inside the training box (a
+    # failure) and outside it (reported), with the first of each
+    non_finite: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "normexport.verification/1", **asdict(self)}
@@ -105,6 +108,8 @@ class VerificationReport:
             out["loosened"] = self.loosened
         if self.warnings:
             out["warnings"] = self.warnings
+        if self.non_finite:
+            out["non_finite"] = self.non_finite
         return out
 
     def table(self) -> str:
@@ -138,9 +143,22 @@ class VerificationReport:
             lines.append(
                 f"float32 rounding of this network: {max(self.rounding.values()):.3g} of range"
             )
+        lines.extend(_non_finite_lines(self.non_finite))
         lines.extend(f"warning: {w}" for w in self.warnings)
         lines.append("result: " + ("PASS" if self.ok else "FAIL"))
         return "\n".join(lines)
+
+
+def _non_finite_lines(non_finite: dict[str, Any]) -> list[str]:
+    lines = []
+    for where, verdict in (("inside", "FAIL"), ("outside", "reported")):
+        found = non_finite.get(where)
+        if found:
+            lines.append(
+                f"non-finite outputs for finite inputs {where} the training range: "
+                f"{found['rows']} rows, the first {found['first']} ({verdict})"
+            )
+    return lines
 
 
 # ------------------------------------------------------------------------------- runtimes
@@ -211,6 +229,8 @@ class Runs:
     optional: frozenset[str] = frozenset()
     reference: str | None = None
     probe: str | None = None
+    # the training box (low, high) of the raw inputs: a non-finite output inside it fails
+    box: tuple[np.ndarray, np.ndarray] | None = None
     # run the garbage collector after each runtime of compare(), so that a large model's
     # runtime is gone before the next loads (about 50 ms a time in a busy process)
     collect: bool = True
@@ -265,9 +285,11 @@ def compare(
             if runs.collect:
                 gc.collect()
     tally = _Tally(list(results), runs.n_outputs, reference=runs.reference, probe=runs.probe)
+    tally.box = runs.box
     n = max((len(r) for r in results.values()), default=0)
     for start in range(0, n, chunk_rows):
-        tally.add({k: v[start : start + chunk_rows] for k, v in results.items()})
+        stop = start + chunk_rows
+        tally.add({k: v[start:stop] for k, v in results.items()}, X[start:stop])
     return tally, skipped
 
 
@@ -305,8 +327,11 @@ class _Tally:
         self.watched = self.reference or (compared[0] if compared else None)
         self.low = np.full(n_outputs, np.inf)
         self.high = np.full(n_outputs, -np.inf)
+        self.box: tuple[np.ndarray, np.ndarray] | None = None
+        self.non_finite: dict[str, dict[str, Any]] = {}
+        self.seen = 0  # rows of the watched runtime so far
 
-    def add(self, outputs: dict[str, np.ndarray]) -> None:
+    def add(self, outputs: dict[str, np.ndarray], rows: np.ndarray | None = None) -> None:
         for a, b in self.pairs_:
             if a in outputs and b in outputs:
                 n = min(len(outputs[a]), len(outputs[b]))
@@ -323,6 +348,28 @@ class _Tally:
             with np.errstate(invalid="ignore"):
                 self.low = np.fmin(self.low, np.nanmin(values, axis=0, initial=np.inf))
                 self.high = np.fmax(self.high, np.nanmax(values, axis=0, initial=-np.inf))
+            if rows is not None:
+                self._count_non_finite(values, rows[: len(values)])
+            self.seen += len(values)
+
+    def _count_non_finite(self, values: np.ndarray, rows: np.ndarray) -> None:
+        """Rows of finite inputs whose outputs are not finite (agreeing runtimes would
+        otherwise pass a model that returns NaN), split by the training box."""
+        bad = ~np.isfinite(values).all(axis=1) & np.isfinite(rows).all(axis=1)
+        if not bad.any():
+            return
+        if self.box is None:
+            inside = np.zeros(len(rows), dtype=bool)
+        else:
+            low, high = self.box
+            inside = ((rows >= low) & (rows <= high)).all(axis=1)
+        for where, mask in (("inside", bad & inside), ("outside", bad & ~inside)):
+            if mask.any():
+                found = self.non_finite.setdefault(where, {"rows": 0})
+                found["rows"] += int(mask.sum())
+                if "first" not in found:
+                    i = int(np.argmax(mask))
+                    found["first"] = (self.seen + i, rows[i].tolist())
 
     def pairs(
         self, outputs: list[str], span: np.ndarray, rtol: float, skipped: Iterable[str] = ()
@@ -369,6 +416,7 @@ def compare_stream(
                 raise
             skipped[name] = first_line(exc)
     tally = _Tally(list(loaded), runs.n_outputs, reference=runs.reference, probe=runs.probe)
+    tally.box = runs.box
     seen = 0
     with tqdm(
         desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
@@ -387,7 +435,7 @@ def compare_stream(
                             raise
                         skipped[name] = first_line(exc)
                         del loaded[name]
-            tally.add(results)
+            tally.add(results, chunk)
             seen += len(chunk)
             bar.update(len(chunk))
     return tally, skipped, seen
@@ -579,6 +627,7 @@ def check_rows(
         optional,
         reference,
         probe,
+        _training_box(in_scaler),
         collect,
     )
     if isinstance(data, np.ndarray):
@@ -596,8 +645,9 @@ def check_rows(
     warnings = watch.warnings() + _constant_output_warning(
         tally.low, tally.high, span, out_scaler.columns_, n_rows
     )
+    non_finite = _describe_non_finite(tally.non_finite, len(edges), in_scaler.columns_)
     return VerificationReport(
-        ok=all(p.ok for p in pairs) and len(loaded) >= 2,
+        ok=all(p.ok for p in pairs) and len(loaded) >= 2 and "inside" not in non_finite,
         dtype=dtype,
         rtol=tolerance,
         rows=n_rows,
@@ -615,7 +665,22 @@ def check_rows(
         else dict(zip(out_scaler.columns_, rounding.tolist(), strict=True)),
         loosened=loosened,
         warnings=warnings,
+        non_finite=non_finite,
     )
+
+
+def _describe_non_finite(
+    found: dict[str, dict[str, Any]], n_edges: int, columns: Sequence[str]
+) -> dict[str, Any]:
+    """The tally's non-finite counts, each first row named as an edge or data row with
+    its input values."""
+    described = {}
+    for where, item in found.items():
+        index, values = item["first"]
+        row = f"edge row {index}" if index < n_edges else f"data row {index - n_edges}"
+        shown = ", ".join(f"{c}={v:.6g}" for c, v in zip(columns, values, strict=True))
+        described[where] = {"rows": item["rows"], "first": f"{row} ({shown})"}
+    return described
 
 
 # A float32 runtime's distance from the float64 evaluation is its own rounding; a

@@ -1772,3 +1772,32 @@ def test_width_mismatch_past_the_first_layer_is_one_line(capsys, ws, tmp_path):
         ],
     )
     assert_one_line_error(code, out, err, ("scalers.json", "3 input columns"))
+
+
+def test_a_nan_model_fails_even_when_the_numpy_reference_is_skipped(tmp_path):
+    """MXNet, onnxruntime and onnx.reference all return NaN, so they agree; the NumPy
+    reference, which would disagree, has no sqrt op and is skipped. The export must fail
+    on the non-finite outputs for finite inputs inside the training range, and write
+    nothing."""
+    import mxnet as mx
+
+    from normexport.errors import VerificationError
+    from normexport.mx import exporting
+    from normexport.scaling import MinMaxScaler
+
+    rng = np.random.default_rng(0)
+    in_sc = MinMaxScaler().fit(rng.uniform(size=(50, 3)), columns=["a", "b", "c"])
+    out_sc = MinMaxScaler().fit(rng.uniform(size=(50, 2)), columns=["u", "v"])
+    hidden = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=2, name="fc0")
+    params = {
+        "fc0_weight": mx.nd.zeros((2, 3), dtype="float64"),
+        "fc0_bias": -mx.nd.ones(2, dtype="float64"),  # sqrt(-1) on every row
+    }
+    out = tmp_path / "nan-model"
+    with pytest.raises(VerificationError) as caught:
+        exporting.export((mx.sym.sqrt(hidden, name="root"), params, {}), in_sc, out_sc, out)
+    text = str(caught.value)
+    assert "skipped numpy: the NumPy reference has no sqrt op" in text
+    assert "non-finite outputs for finite inputs inside the training range" in text
+    assert "onnxruntime vs mxnet" in text and text.endswith("result: FAIL")
+    assert not out.exists()

@@ -596,6 +596,46 @@ def test_fold_refuses_weights_that_overflow_the_dtype(workspace):
     assert not (workspace / "out.onnx").exists()
 
 
+# ------------------------------------------------------------------ non-finite outputs
+
+
+def _nan_where(condition):
+    """A runtime factory returning the first input, or NaN on the rows ``condition`` picks."""
+    return lambda: lambda X: np.where(condition(X)[:, None], np.nan, X[:, :1])
+
+
+def test_runtimes_agreeing_on_nan_inside_the_training_range_fail():
+    """Two runtimes that return the same NaN agree: a model returning NaN for finite
+    inputs inside the training range must still fail, naming the first row."""
+    from normexport.scaling import MinMaxScaler
+    from normexport.verification import check_rows
+
+    in_sc = MinMaxScaler().fit(np.array([[0.0, 10.0], [1.0, 20.0]]), columns=["a", "b"])
+    out_sc = MinMaxScaler().fit(np.array([[0.0], [1.0]]), columns=["y"])
+    rows = np.array([[0.5, 15.0], [0.25, 12.0], [0.75, 19.0]])
+    nan_everywhere = _nan_where(lambda X: np.ones(len(X), bool))
+    report = check_rows(
+        {"one": nan_everywhere, "two": nan_everywhere}, rows, in_sc, out_sc, dtype="float64"
+    )
+    assert all(pair.ok for pair in report.pairs)  # they agree ...
+    assert not report.ok  # ... and fail
+    inside = report.non_finite["inside"]
+    beyond_box = 6  # edge rows half a range beyond: both columns, or one, at either end
+    assert inside["rows"] == report.rows - beyond_box
+    assert inside["first"] == "edge row 2 (a=0, b=10)"  # rows 0-1 lie beyond the box
+    assert report.non_finite["outside"]["rows"] == beyond_box
+    assert "non-finite outputs for finite inputs inside the training range" in report.table()
+    assert report.table().endswith("result: FAIL")
+
+    # NaN only beyond the training range: reported, not a failure
+    beyond = _nan_where(lambda X: ((X < [0, 10]) | (X > [1, 20])).any(axis=1))
+    report = check_rows({"one": beyond, "two": beyond}, rows, in_sc, out_sc, dtype="float64")
+    assert report.ok and "inside" not in report.non_finite
+    assert report.non_finite["outside"]["rows"] == 6
+    assert "outside the training range: 6 rows, the first edge row 0" in report.table()
+    assert report.summary()["non_finite"]["outside"]["rows"] == 6
+
+
 # ------------------------------------------------------------------ MXNet .params (pure Python)
 
 V2 = 0xF993FAC9
