@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,30 @@ class PartitionPredictor:
             values = column.cast(pa.float64(), safe=False).to_numpy()
             X[:, j] = fits(_finite(values, name, prefix), self.dtype, name, prefix)
         return X
+
+    def write_predictions(
+        self,
+        batches: Iterable[Any],
+        writer: Any,
+        where: str,
+        progress: Callable[[int], Any] | None = None,
+    ) -> int:
+        """Score streamed :class:`normexport.tables.Batch` es into a
+        :class:`normexport.tables.TableWriter`, each written before the next is read: the
+        kept columns, then the targets. Returns the number of rows; ``progress`` is told
+        each batch's."""
+        import pyarrow as pa
+
+        names = [*self.keep, *self.targets]
+        rows = 0
+        for batch in batches:
+            Y = self.run(self.model_inputs(batch.arrays[0], where, batch.first_row))
+            outputs = [pa.array(np.ascontiguousarray(Y[:, j])) for j in range(Y.shape[1])]
+            writer.write(names, [*batch.kept.columns, *outputs])
+            rows += batch.rows
+            if progress is not None:
+                progress(batch.rows)
+        return rows
 
     def read_batches(self, path: str | os.PathLike[str], **options: Any) -> Iterator[Any]:
         """The model's input columns (and ``keep``) of the table at ``path``, streamed as

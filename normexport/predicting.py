@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from normexport import tables
 from normexport.modeldir import model_scalers
@@ -49,17 +48,8 @@ def predict(
     batches = predictor.read_batches(
         data, batch_rows=batch_rows, delimiter=delimiter, allow_missing=allow_missing
     )
-    names = [*predictor.keep, *predictor.targets]
-    rows = 0
     with tables.TableWriter(out) as writer, _progress(progress) as bar:
-        for batch in batches:
-            X = predictor.model_inputs(batch.arrays[0], str(data), batch.first_row)
-            Y = predictor.run(X)
-            outputs = [pa.array(np.ascontiguousarray(Y[:, j])) for j in range(Y.shape[1])]
-            writer.write(names, [*batch.kept.columns, *outputs])
-            rows += batch.rows
-            bar.update(batch.rows)
-    return rows
+        return predictor.write_predictions(batches, writer, str(data), bar.update)
 
 
 def _progress(enabled: bool | None) -> Any:

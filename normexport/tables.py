@@ -482,11 +482,19 @@ def _cast(array: pa.Array, kind: pa.DataType, *, safe: bool) -> pa.Array:
 class TableWriter:
     """Write batches to ``.csv`` (``.csv.gz``) or ``.parquet`` atomically, or CSV to stdout.
 
+    ``metadata`` (Parquet only) goes into the file's schema.
+
     The file appears (``os.replace``) only when the ``with`` block ends cleanly; on an
     exception the temporary file is removed and an existing destination is untouched.
     """
 
-    def __init__(self, path: PathLike | None, *, format: str | None = None) -> None:
+    def __init__(
+        self,
+        path: PathLike | None,
+        *,
+        format: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.path = None if path is None else Path(path)
         if format is None:
             suffix = "" if self.path is None else self.path.suffix.lower()
@@ -495,7 +503,10 @@ class TableWriter:
             raise ValueError(f"format must be 'csv' or 'parquet', got {format!r}")
         if format == "parquet" and self.path is None:
             raise DataError("Parquet cannot go to standard output; give --out FILE.parquet")
+        if metadata and format != "parquet":
+            raise ValueError("metadata goes into a Parquet file's schema; CSV has none")
         self.format = format
+        self.metadata = metadata
         self._stack: contextlib.ExitStack[Any] | None = None
         self._sink: Any = None
         self._writer: Any = None  # a pyarrow CSVWriter or ParquetWriter
@@ -540,7 +551,7 @@ class TableWriter:
 
     def _open(self, schema: pa.Schema) -> pacsv.CSVWriter | pq.ParquetWriter:
         if self.format == "parquet":
-            return pq.ParquetWriter(self._sink, schema)
+            return pq.ParquetWriter(self._sink, schema.with_metadata(self.metadata or {}))
         header = io.StringIO()
         csv.writer(header, lineterminator="\n").writerow(schema.names)  # quoted only if needed
         self._sink.write(header.getvalue().encode("utf-8"))

@@ -487,3 +487,15 @@ def test_dataset_files_may_differ_in_numeric_type_but_not_in_columns(tmp_path):
     assert "p2.parquet: column 'b' holds string values" in message(
         tables.load_columns, directory, ["b"]
     )
+
+
+def test_parquet_metadata_goes_into_the_schema_and_csv_refuses_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "out.parquet"
+    with tables.TableWriter(path, metadata={"normexport.record": '{"rows": 2}'}) as writer:
+        writer.write(["y"], [np.array([1.0, 2.0])])
+    assert pq.read_schema(path).metadata[b"normexport.record"] == b'{"rows": 2}'
+    assert pq.read_table(path).column("y").to_pylist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="CSV has none"):
+        tables.TableWriter(tmp_path / "out.csv", metadata={"a": "b"})

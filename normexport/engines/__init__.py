@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from normexport import __version__, files
 from normexport.errors import DataError, NormexportError
 from normexport.partition import PartitionPredictor
@@ -134,8 +132,7 @@ def predict_file(
     stored in the output's schema metadata, holds the input's fingerprint: size,
     mtime_ns and the sha256 of its bytes.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from normexport.tables import TableWriter
 
     stat = _stat(part.source)
     record = {
@@ -148,26 +145,12 @@ def predict_file(
         "targets": list(predictor.targets),
     }
     batches = predictor.read_batches(part.source, batch_rows=predictor.batch_rows)
-    names = [*predictor.keep, *predictor.targets]
-    with files.atomic_path(Path(out_dir) / part.output) as tmp:
-        writer = None
-        try:
-            for batch in batches:
-                X = predictor.model_inputs(batch.arrays[0], part.source, batch.first_row)
-                Y = predictor.run(X)
-                targets = [pa.array(np.ascontiguousarray(Y[:, j])) for j in range(Y.shape[1])]
-                table = pa.table([*batch.kept.columns, *targets], names=names)
-                if writer is None:  # the record, less the row count that the footer holds
-                    text = json.dumps({k: v for k, v in record.items() if k != "rows"})
-                    writer = pq.ParquetWriter(tmp, table.schema.with_metadata({RECORD_KEY: text}))
-                writer.write_table(table)
-                record["rows"] += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            raise DataError(f"{part.source}: no data rows")
-        if _stat(part.source) != stat:
+    # the record in the schema, less the row count that the footer holds
+    text = json.dumps({k: v for k, v in record.items() if k != "rows"})
+    target = Path(out_dir) / part.output
+    with TableWriter(target, format="parquet", metadata={RECORD_KEY: text}) as writer:
+        record["rows"] = predictor.write_predictions(batches, writer, part.source)
+        if _stat(part.source) != stat:  # raised inside: the output is not written
             raise DataError(f"{part.source}: changed while it was being read")
     return record
 
