@@ -11,20 +11,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from normexport import tables
-from normexport.modeldir import model_scalers
 from normexport.partition import partition_predictor
-
-
-def load_input_rows(model: str | os.PathLike[str], data: str | os.PathLike[str]) -> np.ndarray:
-    """The model's input columns of a table, by name (for ``verify --data``)."""
-    in_scaler, _, _ = model_scalers(Path(model))
-    return tables.load_columns(data, in_scaler.columns_)
 
 
 def predict(

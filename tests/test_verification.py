@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from conftest import INPUTS
 
-from normexport import files, predicting
+from normexport import files, tables
 from normexport.mx import exporting
 from normexport.mxparams import read_params
 from normexport.scaling import MinMaxScaler
@@ -142,9 +142,25 @@ def test_wrong_width_rows_are_refused(trained_dir):
         verify_directory(trained_dir / "model", np.ones((4, 2)))
 
 
-def test_verify_reads_data_columns_by_name(trained_dir):
-    X = predicting.load_input_rows(trained_dir / "model", trained_dir / "data.csv")
-    assert X.shape[1] == len(INPUTS)
+def test_verify_reads_data_columns_by_name(trained_dir, tmp_path):
+    """The table's columns in another order, with an extra one: read by name, the
+    streamed verdict is the in-memory one on the same rows."""
+    X = tables.load_columns(trained_dir / "data.csv", INPUTS)
+    shuffled = tmp_path / "shuffled.csv"
+    order = INPUTS[::-1]
+    rows = "".join(
+        f"{i}," + ",".join(repr(float(X[i, INPUTS.index(c)])) for c in order) + "\n"
+        for i in range(len(X))
+    )
+    shuffled.write_text("id," + ",".join(order) + "\n" + rows)
+    streamed = verify_directory(trained_dir / "model", data=shuffled)
+    in_memory = verify_directory(trained_dir / "model", X)
+    assert streamed.ok and in_memory.ok
+    assert streamed.rows == in_memory.rows and streamed.data_rows == len(X)
+    # the same rows: each runtime's rounding may differ with the batch it ran in, not more
+    for a, b in zip(streamed.pairs, in_memory.pairs, strict=True):
+        for name in a.max_rel:
+            assert abs(a.max_rel[name] - b.max_rel[name]) <= streamed.rtol, (a, b)
 
 
 def test_onnx_reference_is_skipped_for_large_models_and_says_why(trained_dir, monkeypatch):
