@@ -148,7 +148,7 @@ def predict_file(
     # the record in the schema, less the row count that the footer holds
     text = json.dumps({k: v for k, v in record.items() if k != "rows"})
     target = Path(out_dir) / part.output
-    with TableWriter(target, format="parquet", metadata={RECORD_KEY: text}) as writer:
+    with TableWriter(target, format="parquet", metadata={RECORD_KEY.decode(): text}) as writer:
         record["rows"] = predictor.write_predictions(batches, writer, part.source)
         if _stat(part.source) != stat:  # raised inside: the output is not written
             raise DataError(f"{part.source}: changed while it was being read")
