@@ -142,9 +142,13 @@ class AffineScaler:
         X = self._checked(X)
         return self._affine(tf.apply(X, self.transforms_), *self.affine())
 
-    def inverse_transform(self, X: Any) -> np.ndarray:
-        """Map normalized values back to raw units; the result has ``X``'s float dtype."""
-        X = self._affine(self._checked(X), *self.inverse_affine())
+    def inverse_transform(self, X: Any, *, check_finite: bool = True) -> np.ndarray:
+        """Map normalized values back to raw units; the result has ``X``'s float dtype.
+
+        ``check_finite=False`` lets NaN and infinities through (a model's output for an
+        input outside a transform's domain) instead of refusing them.
+        """
+        X = self._affine(self._checked(X, check_finite), *self.inverse_affine())
         return tf.apply(X, tf.side_ops(self.transforms_, "out"))
 
     @property
@@ -164,14 +168,15 @@ class AffineScaler:
     ) -> AffineScaler:
         raise NotImplementedError(f"{type(self).__name__} holds given factors; it cannot fit")
 
-    def _checked(self, X: Any) -> np.ndarray:
+    def _checked(self, X: Any, check_finite: bool = True) -> np.ndarray:
         X = _as_2d_float(X, f"{type(self).__name__} input")
         if X.shape[1] != self.n_features_in_:
             raise DataError(
                 f"X has {X.shape[1]} columns, but this {type(self).__name__} was fitted on "
                 f"{self.n_features_in_} ({', '.join(self.columns_)})"
             )
-        _check_finite(X, self.columns_)
+        if check_finite:
+            _check_finite(X, self.columns_)
         return X
 
     @staticmethod

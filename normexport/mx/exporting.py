@@ -399,11 +399,14 @@ def _write_model_files(
     inference = graph.for_inference(checkpoint, info.n_inputs)
     if mode == "fold":
         model, plan = graph.fold(inference, in_affine, out_affine)
-        fold = plan.to_dict()
+        fold = plan.keeping(in_scaler.transforms(), out_scaler.transforms()).to_dict()
     else:
         model = graph.splice(inference, in_affine, out_affine)
         fold = SPLICED.to_dict()
     del inference
+    model = graph.splice_transforms(
+        model, in_scaler.transforms_, transforms.side_ops(out_scaler.transforms_, "out")
+    )
     ckpt.save_checkpoint(model, stage, MODEL_PREFIX)
     for stale in stage.glob(ONNX_FILE + "*"):
         stale.unlink()

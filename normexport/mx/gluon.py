@@ -66,6 +66,12 @@ class Normalized(gluon.HybridBlock):
                 raise DataError(f"{name} must be a normexport scaler, got {type(scaler).__name__}")
             if not scaler.is_fitted:
                 raise DataError(f"{name} ({type(scaler).__name__}) is not fitted; call fit first")
+            if scaler.has_transforms:
+                raise DataError(
+                    f"{name} has non-linear transforms ({scaler.transforms()}), which "
+                    "Normalized does not hold yet: train the inner net on the scalers' "
+                    "transform() and export it with nx.export(net, in_scaler, out_scaler, dir)"
+                )
         out_scaler.check_target()
         dtype = _dtype_of(inner) if dtype is None else np.dtype(dtype).name
         if dtype not in DTYPES:
