@@ -18,7 +18,7 @@ name       forward (inputs)    domain        inverse
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,7 @@ TRANSFORMS = {
     )
 }
 # The elementwise op of each side, in NumPy (the truth) by op name.
-NUMPY_OPS = {
+NUMPY_OPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "log": np.log,
     "log1p": np.log1p,
     "asinh": np.arcsinh,

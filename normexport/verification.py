@@ -32,7 +32,7 @@ from normexport.errors import DataError, NormexportError, first_line
 from normexport.modeldir import NET_PREFIX, ONNX_FILE, SCALERS_FILE, symbol_file
 from normexport.reference import numpy_runtime
 from normexport.runtimes import Runtime, onnx_reference_runtime, onnxruntime_runtime
-from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler, scalers_from_dict
+from normexport.scaling import AffineScaler, StandardScaler, scalers_from_dict
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-12}
 CHUNK_ROWS = 65536
@@ -190,8 +190,9 @@ def _raw(scaler: AffineScaler, rows: np.ndarray) -> np.ndarray:
 
 def _training_box(scaler: AffineScaler) -> tuple[np.ndarray, np.ndarray]:
     """Each column's training range; in transformed values for a transformed column."""
-    if isinstance(scaler, MinMaxScaler | StandardScaler) and scaler.data_min_ is not None:
-        box = transforms.apply(np.stack([scaler.data_min_, scaler.data_max_]), scaler.transforms_)
+    low, high = getattr(scaler, "data_min_", None), getattr(scaler, "data_max_", None)
+    if low is not None and high is not None:
+        box = transforms.apply(np.stack([low, high]), scaler.transforms_)
         return box[0], box[1]
     if isinstance(scaler, StandardScaler):
         return scaler.mean_ - 2 * scaler.std_, scaler.mean_ + 2 * scaler.std_

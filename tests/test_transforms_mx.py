@@ -180,3 +180,18 @@ def test_normalized_block_refuses_transforms():
     in_sc, out_sc, _ = fitted("log", "mixed")
     with pytest.raises(DataError, match="Normalized does not hold yet"):
         Normalized(random_net("tanh", "float32", n_in=3, n_out=3), in_sc, out_sc)
+
+
+def test_verification_reports_inputs_outside_the_domain(tmp_path):
+    in_sc, out_sc, X = fitted("log", "mixed")
+    net = random_net("tanh", "float64", n_in=3, n_out=3)
+    out = nx.export(net, in_sc, out_sc, tmp_path / "m")
+    rows = X[:20].copy()
+    rows[[3, 7], 1] = [0.0, -5.0]  # column b is under log
+    report = nx.verify(out, rows)
+    assert report.ok  # NaN/-inf rows agree in every runtime
+    assert (
+        "column 'b': 2 of the 20 data rows lie outside the domain of log (<= 0); the model "
+        "returns NaN or infinities for them"
+    ) in report.warnings
+    assert report.transformed == {"u": "log", "w": "log"}  # compared as log(u), log(w)
