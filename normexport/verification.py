@@ -751,8 +751,9 @@ class _InputWatch:
 
     def _outside_warnings(self) -> list[str]:
         lines = []
-        for j in np.flatnonzero(self.outside):
-            name = self.scaler.transforms_[j]
+        for j, name in enumerate(self.scaler.transforms_):
+            if name is None or not self.outside[j]:
+                continue
             low = transforms.TRANSFORMS[name].low
             lines.append(
                 f"column {self.scaler.columns_[j]!r}: {self.outside[j]} of the {self.rows} "
