@@ -21,7 +21,7 @@ defaults      the training defaults against the previous ones (200 epochs at bat
 verification  rows per second of ``verify_directory`` and its peak memory, at two row
               counts (the peak must not grow with the rows: verification is chunked).
 transforms    what ``log`` targets buy on a physics-like table whose three targets span
-              6.7, 10.7 and 4.4 decades: the same network trained on min-max targets and
+              about 6.6, 10 and 4.4 decades: the same network trained on min-max targets and
               on log-then-min-max targets (same inputs, split and seed), hold-out median
               relative error on each target's smallest 10% and count of negative
               predictions. Not in the default set (it trains for minutes):
@@ -947,8 +947,8 @@ PHYSICS_TARGETS = ("rate", "flux", "path")
 
 def physics_table(n: int, seed: int = 0) -> tuple[Any, Any]:
     """n rows of a physics-like table: temperature 600-1500 K, activation energy
-    0.5-1.0 eV and pressure 0.01-100 bar (log-uniform) -> an Arrhenius rate (6.7 decades),
-    the rate times the pressure (10.7 decades) and a mean free path ~ T/p (4.4 decades)."""
+    0.5-1.0 eV and pressure 0.01-100 bar (log-uniform) -> an Arrhenius rate (up to 6.7
+    decades), the rate times the pressure (up to 10.7) and a mean free path ~ T/p (4.4)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
