@@ -20,7 +20,7 @@ from normexport.errors import FormatError
 from normexport.modeldir import NET_PREFIX, params_file, symbol_file
 from normexport.mxparams import read_params
 from normexport.scaling import AffineScaler
-from normexport.transforms import NUMPY_OPS
+from normexport.transforms import MXNET_OPS, NUMPY_OPS
 
 Runtime = Callable[[np.ndarray], np.ndarray]
 
@@ -160,16 +160,6 @@ def _dropout(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
     return args[0]  # the identity at inference
 
 
-_TRANSFORM_OPS = {
-    "log": "log",
-    "log1p": "log1p",
-    "arcsinh": "asinh",
-    "exp": "exp",
-    "expm1": "expm1",
-    "sinh": "sinh",
-}
-
-
 def _unary(function: Callable[[np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
     def apply(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
         with np.errstate(all="ignore"):  # out of the domain: NaN or -inf, as in MXNet
@@ -217,7 +207,7 @@ _NUMPY_OPS: dict[str, Callable[[list[np.ndarray], dict[str, str]], np.ndarray]] 
     "relu": lambda args, attrs: np.maximum(args[0], 0),
     "softsign": lambda args, attrs: _activation(args, {"act_type": "softsign"}),
     # the transforms' ops (a model-* symbol): NumPy's own functions, as the scalers use
-    **{op: _unary(NUMPY_OPS[name]) for op, name in _TRANSFORM_OPS.items()},
+    **{MXNET_OPS[op]: _unary(function) for op, function in NUMPY_OPS.items()},
     "slice_axis": _slice_axis,
     "Concat": lambda args, attrs: np.concatenate(args, axis=int(attrs.get("dim", "1"))),
 }

@@ -56,6 +56,8 @@ NUMPY_OPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "expm1": np.expm1,
     "sinh": np.sinh,
 }
+# Each op's name in an MXNet symbol (the adapter writes them; the NumPy reference reads them).
+MXNET_OPS = {op: "arcsinh" if op == "asinh" else op for op in NUMPY_OPS}
 
 
 def check_spec(spec: Any, source: str = "transform") -> dict[str, str]:

@@ -173,13 +173,36 @@ def test_train_transform_out_of_domain_names_the_csv_line(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_normalized_block_refuses_transforms():
-    from normexport.errors import DataError
+@pytest.mark.parametrize("mode", ["splice", "fold"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_normalized_block_with_transforms(tmp_path, dtype, mode):
+    """The Gluon block computes, trains on and exports the transformed normalization."""
     from normexport.gluon import Normalized
 
-    in_sc, out_sc, _ = fitted("log", "mixed")
-    with pytest.raises(DataError, match="Normalized does not hold yet"):
-        Normalized(random_net("tanh", "float32", n_in=3, n_out=3), in_sc, out_sc)
+    in_sc, out_sc, X = fitted("log", "mixed")
+    inner = random_net("tanh", dtype, n_in=3, n_out=3)
+    inner.export(str(tmp_path / "inner"))  # the truth: the plain net in NumPy float64
+    net = NumpyNet(tmp_path / "inner-symbol.json", tmp_path / "inner-0000.params")
+    block = Normalized(inner, in_sc, out_sc)
+    block.hybridize()
+    x = mx.nd.array(X[:50], dtype=dtype)
+    truth = out_sc.inverse_transform(net(in_sc.transform(X[:50])))
+    tol = tolerance(out_sc, truth, dtype)
+    got = block(x).asnumpy().astype(np.float64)
+    assert np.all(np.max(np.abs(got - truth), axis=0) / out_sc.span() <= tol)
+    # the loss is the plain net's on the scalers' NumPy maps
+    Y = truth * 1.01
+    with mx.autograd.record():
+        loss = block.loss(x, mx.nd.array(Y, dtype=dtype))
+    Yn = out_sc.transform(Y)
+    Zn = net(in_sc.transform(X[:50]))
+    want = 0.5 * np.mean((Zn - Yn) ** 2, axis=1)
+    # a mean of squared differences of values near 1: a few hundred ulps of the dtype
+    np.testing.assert_allclose(loss.asnumpy(), want, rtol=RTOL[dtype] * 100, atol=RTOL[dtype])
+    files = block.export(tmp_path / "raw", mode=mode)
+    loaded = mxnet_predict(tmp_path, "raw", X[:50].astype(dtype), dtype).astype(np.float64)
+    assert files[0].endswith("raw-symbol.json")
+    assert np.all(np.max(np.abs(loaded - truth), axis=0) / out_sc.span() <= tol)
 
 
 def test_verification_reports_inputs_outside_the_domain(tmp_path):

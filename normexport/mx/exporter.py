@@ -32,6 +32,7 @@ from normexport.errors import GraphError, first_line
 from normexport.onnx_transforms import op_nodes
 from normexport.onnxkit import DEFAULT_OPSET, check, newest_opset, write_model
 from normexport.passes import BATCH, post_process
+from normexport.transforms import MXNET_OPS
 
 
 def export_graph(
@@ -133,7 +134,7 @@ def _convert_transform(op: str) -> Any:
     return convert
 
 
-for _mx_op, _op in (("log1p", "log1p"), ("expm1", "expm1"), ("arcsinh", "asinh"), ("sinh", "sinh")):
+for _op, _mx_op in MXNET_OPS.items():  # log and exp it has
     if _mx_op not in MXNetGraph.registry_.get(DEFAULT_OPSET, {}):
         MXNetGraph.register(_mx_op, DEFAULT_OPSET)(_convert_transform(_op))
 
