@@ -166,3 +166,50 @@ def test_factors_refuse_a_transform_column(tmp_path):
     with pytest.raises(FormatError, match="affine only.*--scalers"):
         nx.bake(tmp_path / "net.onnx", tmp_path / "out.onnx", factors=tmp_path / "factors.txt")
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", ["splice", "fold"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tree_ensemble_with_a_log_input_bakes_and_verifies(tmp_path, dtype, mode):
+    """bake's check puts rows at every split of a tree; for a log column the split is a
+    transformed value, and the row holds its raw value (exp of it): the baked file and
+    the original on NumPy-normalized rows must take the same branches."""
+    from onnx_models import tree_ensemble
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack(
+        [10.0 ** rng.uniform(-2, 3, 300), rng.uniform(-1, 1, 300), rng.uniform(0, 5, 300)]
+    )
+    in_sc = nx.MinMaxScaler(transform={"x0": "log"}).fit(X)
+    out_sc = nx.MinMaxScaler(transform={"y0": "log"}).fit(
+        rng.uniform(1, 100, (300, 2)), columns=["y0", "y1"], target=True
+    )
+    onnx.save(tree_ensemble(dtype), tmp_path / "trees.onnx")
+    result = nx.bake(
+        tmp_path / "trees.onnx",
+        tmp_path / "baked.onnx",
+        scalers=scalers_to_dict(in_sc, out_sc, dtype),
+        mode=mode,
+    )
+    assert result.report is not None and result.report.ok
+    assert "Log" in ops(onnx.load(tmp_path / "baked.onnx"))
+
+
+def test_split_rows_of_a_log_column_sit_at_its_splits():
+    """The rows bake checks a tree with are raw values: for a log column, exp of the
+    transformed split, so that normalizing them lands on every split of that column."""
+    from onnx_models import tree_ensemble
+
+    from normexport import baking, onnx_affine
+
+    model = tree_ensemble("float64")
+    rng = np.random.default_rng(0)
+    X = np.column_stack(
+        [10.0 ** rng.uniform(-2, 3, 300), rng.uniform(-1, 1, 300), rng.uniform(0, 5, 300)]
+    )
+    in_sc = nx.MinMaxScaler(transform={"x0": "log"}).fit(X)
+    rows = baking._split_rows(model, in_sc, "float64")
+    normalized = in_sc.transform(rows)[:, 0]
+    for feature, threshold in onnx_affine.tree_splits(model):
+        if feature == 0:
+            assert np.min(np.abs(normalized - threshold)) <= 1e-12 * max(1.0, abs(threshold))
