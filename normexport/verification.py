@@ -757,8 +757,8 @@ class _InputWatch:
             low = transforms.TRANSFORMS[name].low
             lines.append(
                 f"column {self.scaler.columns_[j]!r}: {self.outside[j]} of the {self.rows} "
-                f"data rows lie outside the domain of {name} (<= {low:g}); the model returns "
-                "NaN or infinities for them"
+                f"data rows lie outside the domain of {name} (<= {low:g}); the transform "
+                "gives NaN (-inf at the boundary) and the model's outputs for them mean nothing"
             )
         return lines
 

@@ -214,7 +214,27 @@ def test_verification_reports_inputs_outside_the_domain(tmp_path):
     report = nx.verify(out, rows)
     assert report.ok  # NaN/-inf rows agree in every runtime
     assert (
-        "column 'b': 2 of the 20 data rows lie outside the domain of log (<= 0); the model "
-        "returns NaN or infinities for them"
+        "column 'b': 2 of the 20 data rows lie outside the domain of log (<= 0); the "
+        "transform gives NaN (-inf at the boundary) and the model's outputs for them mean nothing"
     ) in report.warnings
     assert report.transformed == {"u": "log", "w": "log"}  # compared as log(u), log(w)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("y=sqrt", "--transform: column 'y': unknown transform 'sqrt' (known: log, log1p, asinh)"),
+        ("y", "argument --transform: 'y' is not COLUMN=TRANSFORM"),
+        ("y=log,y=log1p", "argument --transform: column 'y' is given twice"),
+        ("z=log", "--transform: transform for column 'z', which is not among the columns"),
+    ],
+)
+def test_train_refuses_a_bad_transform_in_one_line(tmp_path, capsys, given, message):
+    csv = tmp_path / "t.csv"
+    csv.write_text("x1,y\n1,2\n2,3\n")
+    out = tmp_path / "m"
+    args = ["train", str(csv), "--inputs", "x1", "--targets", "y", "--out", str(out)]
+    assert main([*args, "--transform", given]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
