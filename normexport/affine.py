@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,10 @@ def check_affine(
 # ------------------------------------------------------------------------------ factor files
 
 MAX_FACTORS_BYTES = 16 * 1024 * 1024
+AFFINE_ONLY = (
+    "factors files are affine only (scale, shift); for log, log1p or asinh columns "
+    "give a scalers.json with --scalers"
+)
 
 
 def load_factors(path: str | os.PathLike[str]) -> np.ndarray:
@@ -124,7 +128,9 @@ def load_factors(path: str | os.PathLike[str]) -> np.ndarray:
             delimiter = "," if "," in text else None
             array = np.loadtxt(text.splitlines(), delimiter=delimiter, ndmin=2)
         except ValueError as exc:
-            raise FormatError(f"{path}: not a table of numbers ({first_line(exc)})") from exc
+            words = set(text.replace(",", " ").split())
+            hint = f"; {AFFINE_ONLY}" if words & {"log", "log1p", "asinh"} else ""
+            raise FormatError(f"{path}: not a table of numbers ({first_line(exc)}){hint}") from exc
     return check_factors(array, str(path), error=FormatError)
 
 
@@ -139,9 +145,10 @@ def check_factors(
     if array.ndim == 1 and array.size == 2:
         array = array.reshape(1, 2)
     if array.ndim != 2 or array.shape[1] != 2:
+        hint = f"; {AFFINE_ONLY}" if array.ndim == 2 and array.shape[1] == 3 else ""
         raise error(
             f"{source}: expected rows of (scale, shift), shape (n_inputs + n_outputs, 2); "
-            f"got shape {array.shape}"
+            f"got shape {array.shape}{hint}"
         )
     rows = [f"row {i + 1}" for i in range(array.shape[0])]
     check_values(array[:, 0], array[:, 1], rows, source, error=error)
@@ -155,7 +162,9 @@ def check_factors(
 class FoldPlan:
     """Which side went where: ``"folded"`` or ``"spliced"``, with the reason if spliced.
 
-    ``input_node``/``output_node`` name the layer a folded side went into.
+    ``input_node``/``output_node`` name the layer a folded side went into;
+    ``input_transforms``/``output_transforms`` the non-linear transforms that stay nodes
+    at that edge of the graph (only an affine folds), e.g. ``"log(y)"``.
     """
 
     input: str
@@ -164,6 +173,8 @@ class FoldPlan:
     output_reason: str = ""
     input_node: str = ""
     output_node: str = ""
+    input_transforms: str = ""
+    output_transforms: str = ""
 
     @classmethod
     def of(cls, first: Any, last: Any, label: Any = str) -> FoldPlan:
@@ -177,10 +188,21 @@ class FoldPlan:
             "" if isinstance(last, str) else label(last),
         )
 
+    def keeping(self, inputs: dict[str, str], outputs: dict[str, str]) -> FoldPlan:
+        """This plan, noting the transforms (``{column: name}`` per side) kept as nodes."""
+
+        def spelled(transforms: dict[str, str]) -> str:
+            return ", ".join(f"{name}({column})" for column, name in transforms.items())
+
+        return replace(self, input_transforms=spelled(inputs), output_transforms=spelled(outputs))
+
     def to_dict(self) -> dict[str, str]:
         """The JSON form stored in the manifest and in ``metadata_props["normexport.fold"]``."""
         out = {"input": self.input, "output": self.output}
-        for key in ("input_reason", "output_reason", "input_node", "output_node"):
+        for key in (
+            *("input_reason", "output_reason", "input_node", "output_node"),
+            *("input_transforms", "output_transforms"),
+        ):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
@@ -194,6 +216,9 @@ class FoldPlan:
             else:
                 reason = getattr(self, side + "_reason")
                 lines.append(f"{side} affine spliced" + (f": {reason}" if reason else ""))
+            kept = getattr(self, side + "_transforms")
+            if kept:
+                lines.append(f"{side} transforms kept as nodes (only the affine folds): {kept}")
         return lines
 
 

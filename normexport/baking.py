@@ -38,7 +38,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from normexport import files, onnx_affine, onnxkit, passes, tables
+from normexport import files, onnx_affine, onnx_transforms, onnxkit, passes, tables, transforms
 from normexport.affine import SPLICED, FoldPlan, check_factors, fold_splits, load_factors
 from normexport.errors import (
     DataError,
@@ -708,8 +708,12 @@ def _transform(
             model = opset_for_affine(model, changes)
         if mode == "fold":
             model, plan = onnx_affine.fold(model, in_affine, out_affine, load=load, changes=changes)
+            plan = plan.keeping(in_scaler.transforms(), out_scaler.transforms())
         else:
             model, plan = onnx_affine.splice(model, in_affine, out_affine), SPLICED
+        model = onnx_transforms.splice_transforms(
+            model, in_scaler.transforms_, transforms.side_ops(out_scaler.transforms_, "out")
+        )
         if rename:
             _check_rename(model, shape)
         doc = scalers_to_dict(in_scaler, out_scaler, shape.in_dtype)
@@ -935,7 +939,8 @@ def verify_bake(
             Y = run_original(in_scaler.transform(X))
             # The de-normalization, written out rather than through inverse_transform, which
             # refuses a non-finite value: here that is a result to report, not an input error.
-            return Y * out_scale.astype(Y.dtype) + out_shift.astype(Y.dtype)
+            Y = Y * out_scale.astype(Y.dtype) + out_shift.astype(Y.dtype)
+            return transforms.apply(Y, transforms.side_ops(out_scaler.transforms_, "out"))
 
         return run
 
@@ -1122,6 +1127,11 @@ def _split_rows(
         values.append(raw)
     column = np.concatenate(values).astype(np.float64)
     where = np.tile(features, len(values))
+    # a transformed column's splits are transformed values: back to raw ones
+    for j, op in enumerate(transforms.side_ops(in_scaler.transforms_, "out")):
+        if op is not None:
+            with np.errstate(all="ignore"):
+                column[where == j] = transforms.NUMPY_OPS[op](column[where == j])
     keep = np.isfinite(column)
     column, where = column[keep], where[keep]
     pairs = np.unique(np.column_stack([where, column]), axis=0)

@@ -56,6 +56,21 @@ def _columns(text: str) -> list[str]:
     return names
 
 
+def _transforms(text: str) -> dict[str, str]:
+    """``COL=log,COL2=log1p`` as ``{"COL": "log", "COL2": "log1p"}``."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        column, sep, name = (part.strip() for part in item.partition("="))
+        if not sep or not column or not name:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not COLUMN=TRANSFORM (e.g. y=log1p; log, log1p or asinh)"
+            )
+        if column in out:
+            raise argparse.ArgumentTypeError(f"column {column!r} is given twice")
+        out[column] = name
+    return out
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",")]
@@ -130,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--scaler", choices=["minmax", "standard"], default="minmax")
+    p.add_argument(
+        "--transform",
+        type=_transforms,
+        metavar="COL=T,...",
+        help="transform input or target columns before scaling: log (values > 0), log1p "
+        "(> -1) or asinh (any sign), e.g. y=log,x2=asinh; the export undoes it on outputs",
+    )
     p.add_argument(
         "--epochs",
         type=_positive(int),
@@ -425,6 +447,7 @@ def _train(args: argparse.Namespace) -> int:
         args.targets,
         args.out,
         scaler=args.scaler,
+        transform=args.transform,
         hidden=args.hidden,
         activation=args.activation,
         dtype=args.dtype,

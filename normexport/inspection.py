@@ -83,10 +83,16 @@ def format_inspection(summary: dict[str, Any]) -> str:
             f"scalers ({scalers['dtype']}), in the factors file's directions: inputs "
             "x_norm = x * scale + shift, outputs y = y_norm * scale + shift"
         )
+        if any(scalers[side].get("transform") for side in ("inputs", "outputs")):
+            lines.append(
+                "  (a transformed column is scaled after its transform, x_norm = "
+                "log(x) * scale + shift, and de-normalized by its inverse, y = exp(...))"
+            )
         for side in ("inputs", "outputs"):
             doc = scalers[side]
             # outputs: the de-normalizing factors, which the graph and a factors file hold
             keys = ("scale", "shift") if side == "inputs" else ("inverse_scale", "inverse_shift")
+            transform = doc.get("transform", {})
             for i, name in enumerate(doc["columns"]):
                 stats = ""
                 if doc["kind"] == "minmax":
@@ -94,7 +100,7 @@ def format_inspection(summary: dict[str, Any]) -> str:
                 elif doc["kind"] == "standard":
                     stats = f"mean {doc['mean'][i]:.6g} std {doc['std'][i]:.6g}"
                 lines.append(
-                    f"  {side[:-1]:<6} {name:<12} {doc['kind']:<8} {stats:<34} "
-                    f"scale {doc[keys[0]][i]:.6g} shift {doc[keys[1]][i]:.6g}"
+                    f"  {side[:-1]:<6} {name:<12} {doc['kind']:<8} {transform.get(name, ''):<6}"
+                    f"{stats:<34} scale {doc[keys[0]][i]:.6g} shift {doc[keys[1]][i]:.6g}"
                 )
     return "\n".join(lines)

@@ -227,7 +227,9 @@ def describe_directory(model_dir: str | os.PathLike[str]) -> str:
     lines = [f"model directory {model_dir}/"]
     if "mode" in manifest:
         fold = manifest.get("fold") or {}
-        sides = ", ".join(f"{k} {v}" for k, v in fold.items() if not k.endswith("_reason"))
+        sides = ", ".join(
+            f"{k} {v}" for k, v in fold.items() if not k.endswith(("_reason", "_transforms"))
+        )
         lines.append(
             f"  mode {manifest['mode']} ({sides}), opset {manifest.get('opset')}, "
             f"{manifest.get('dtype')}"
@@ -236,6 +238,9 @@ def describe_directory(model_dir: str | os.PathLike[str]) -> str:
             reason = fold.get(f"{side}_reason")
             if reason:
                 lines.append(f"  {side} side spliced, not folded: {reason}")
+            kept = fold.get(f"{side}_transforms")
+            if kept:
+                lines.append(f"  {side} transforms kept as nodes (only the affine folds): {kept}")
     check = manifest.get("verification")
     if check:
         against = f" against {check['reference']} (float64)" if check.get("reference") else ""

@@ -291,8 +291,10 @@ def rebuild_affine(model: onnx.ModelProto, side: str) -> onnx.ModelProto:
     if add is None or shift not in add.input:
         return model
     source, target = next(i for i in mul.input if i != scale), add.output[0]
-    typed = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
-    value = typed.get(source if side == "in" else target)
+    edge = source if side == "in" else target
+    value = _typed_values(model).get(edge)
+    if value is None:  # inside the graph (after an input transform): infer its shape
+        value = _typed_values(_infer(model)).get(edge)
     if value is None:
         return model
     at = next(k for k, n in enumerate(graph.node) if n is mul)
@@ -308,6 +310,11 @@ def rebuild_affine(model: onnx.ModelProto, side: str) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(body)
     return model
+
+
+def _typed_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    graph = model.graph
+    return {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
 
 
 def typed_output(model: onnx.ModelProto, output: onnx.ValueInfoProto) -> onnx.ValueInfoProto:

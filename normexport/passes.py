@@ -220,12 +220,30 @@ class _DoubleOps:
                 total = op("Add", op("Mul", total, z), self.constant(c))
             front = op("Mul", clipped, self.constant(2.0 / math.sqrt(math.pi)))
             op("Mul", op("Mul", front, op("Exp", op("Neg", square))), total, out=y)
+        elif kind == "Asinh":  # sign(x) (log(a + sqrt(a^2 + 1)) + log(c)), a = min(|x|, B)
+            # B = 2^500 keeps a^2 finite; c = max(|x|, B) / B (exactly 1 below B) restores
+            # log(|x|) beyond it, where asinh(|x|) = log(2 |x|) to the last bit.
+            big = self.constant(ASINH_BIG)
+            magnitude = op("Abs", x)
+            a = op("Min", magnitude, big)
+            root = op("Sqrt", op("Add", op("Mul", a, a), self.constant(1.0)))
+            ratio = op("Div", op("Max", magnitude, big), big)
+            value = op("Add", op("Log", op("Add", a, root)), op("Log", ratio))
+            op("Mul", op("Sign", x), value, out=y)
+        elif kind == "Sinh":  # sign(x) (e - 1/e) / 2, e = exp(|x|)
+            e = op("Exp", op("Abs", x))
+            half = op("Mul", op("Sub", e, op("Div", self.constant(1.0), e)), self.constant(0.5))
+            op("Mul", op("Sign", x), half, out=y)
         else:
             return None
         return nodes
 
 
+ASINH_BIG = 2.0**500
+
 DOUBLE_REWRITES = (
+    "Asinh",
+    "Sinh",
     "Softplus",
     "LeakyRelu",
     "PRelu",

@@ -20,6 +20,7 @@ from normexport.errors import FormatError
 from normexport.modeldir import NET_PREFIX, params_file, symbol_file
 from normexport.mxparams import read_params
 from normexport.scaling import AffineScaler
+from normexport.transforms import MXNET_OPS, NUMPY_OPS
 
 Runtime = Callable[[np.ndarray], np.ndarray]
 
@@ -159,6 +160,21 @@ def _dropout(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
     return args[0]  # the identity at inference
 
 
+def _unary(function: Callable[[np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
+    def apply(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+        with np.errstate(all="ignore"):  # out of the domain: NaN or -inf, as in MXNet
+            return function(args[0])
+
+    return apply
+
+
+def _slice_axis(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
+    end = attrs.get("end", "None")
+    index = [slice(None)] * args[0].ndim
+    index[int(attrs["axis"])] = slice(int(attrs["begin"]), None if end == "None" else int(end))
+    return args[0][tuple(index)]
+
+
 def _scalar(attrs: dict[str, str]) -> float:
     return float(attrs.get("scalar", "0"))  # a double parameter in MXNet
 
@@ -190,6 +206,10 @@ _NUMPY_OPS: dict[str, Callable[[list[np.ndarray], dict[str, str]], np.ndarray]] 
     "tanh": lambda args, attrs: np.tanh(args[0]),
     "relu": lambda args, attrs: np.maximum(args[0], 0),
     "softsign": lambda args, attrs: _activation(args, {"act_type": "softsign"}),
+    # the transforms' ops (a model-* symbol): NumPy's own functions, as the scalers use
+    **{MXNET_OPS[op]: _unary(function) for op, function in NUMPY_OPS.items()},
+    "slice_axis": _slice_axis,
+    "Concat": lambda args, attrs: np.concatenate(args, axis=int(attrs.get("dim", "1"))),
 }
 
 
@@ -203,6 +223,7 @@ def numpy_runtime(
     is exact in float64) that float32 runtimes are measured against.
     """
     net = NumpyNet(symbol_file(directory, NET_PREFIX), params_file(directory, NET_PREFIX))
+    # NaN from inputs outside a transform's domain is a result to report, not an error
     return lambda X: out_scaler.inverse_transform(
-        net(in_scaler.transform(np.asarray(X).astype(dtype, copy=False)))
+        net(in_scaler.transform(np.asarray(X).astype(dtype, copy=False))), check_finite=False
     )

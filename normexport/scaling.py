@@ -1,9 +1,11 @@
-"""Per-column affine scalers (NumPy only), shaped like scikit-learn's.
+"""Per-column scalers (NumPy only), shaped like scikit-learn's.
 
 Every scaler reduces to one affine map per column, ``x_norm = x * scale_ + shift_``, and
-its exact inverse, ``x = x_norm * inverse_scale_ + inverse_shift_``. ``transform`` and
+its exact inverse, ``x = x_norm * inverse_scale_ + inverse_shift_``, optionally after a
+non-linear transform of chosen columns (``log``, ``log1p``, ``asinh``: see
+:mod:`normexport.transforms`), which the inverse undoes last. ``transform`` and
 ``inverse_transform`` are implemented through exactly these arrays, which are also the
-constants that :mod:`normexport.graph` writes into the network, so the exported model
+constants that the graph adapters write into the network, so the exported model
 cannot drift from the Python one. Statistics are fitted in float64.
 """
 
@@ -15,10 +17,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from normexport import transforms as tf
 from normexport.affine import check_values
 from normexport.errors import DataError, FormatError
 
 SCALERS_FORMAT = "normexport.scalers/1"
+# Written only when a column has a transform, so that a reader that knows only /1 refuses
+# the file instead of ignoring the transform; affine-only files keep /1.
+SCALERS_FORMAT_TRANSFORMS = "normexport.scalers/2"
+SCALERS_FORMATS = (SCALERS_FORMAT, SCALERS_FORMAT_TRANSFORMS)
 DTYPES = ("float32", "float64")
 
 
@@ -41,6 +48,8 @@ class AffineScaler:
     inverse_shift_: np.ndarray
     columns_: list[str]
     n_features_in_: int
+    transforms_: tf.Kinds  # per column: a transform name, or None
+    transform_spec: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated)
 
     # ---------------------------------------------------------------- construction
 
@@ -68,6 +77,7 @@ class AffineScaler:
             self._set_forward(scale, shift)
         self.columns_ = names
         self.n_features_in_ = scale.size
+        self.transforms_ = (None,) * scale.size
         return self
 
     def _set_forward(self, scale: np.ndarray, shift: np.ndarray) -> None:
@@ -124,12 +134,31 @@ class AffineScaler:
         return 1.0
 
     def transform(self, X: Any) -> np.ndarray:
-        """Normalize ``X`` (rows × columns); the result has ``X``'s float dtype."""
-        return self._apply(X, *self.affine())
+        """Normalize ``X`` (rows × columns); the result has ``X``'s float dtype.
 
-    def inverse_transform(self, X: Any) -> np.ndarray:
-        """Map normalized values back to raw units; the result has ``X``'s float dtype."""
-        return self._apply(X, *self.inverse_affine())
+        Transformed columns go through their transform first; a value outside its
+        domain (``<= 0`` under ``log``) gives NaN or ``-inf``, as in the exported graph.
+        """
+        X = self._checked(X)
+        return self._affine(tf.apply(X, self.transforms_), *self.affine())
+
+    def inverse_transform(self, X: Any, *, check_finite: bool = True) -> np.ndarray:
+        """Map normalized values back to raw units; the result has ``X``'s float dtype.
+
+        ``check_finite=False`` lets NaN and infinities through (a model's output for an
+        input outside a transform's domain) instead of refusing them.
+        """
+        X = self._affine(self._checked(X, check_finite), *self.inverse_affine())
+        return tf.apply(X, tf.side_ops(self.transforms_, "out"))
+
+    @property
+    def has_transforms(self) -> bool:
+        return any(self.transforms_)
+
+    def transforms(self) -> dict[str, str]:
+        """``{column: transform}`` for the transformed columns (empty when none are)."""
+        self._check_fitted()
+        return tf.describe(self.transforms_, self.columns_)
 
     def fit_transform(self, X: Any, columns: Sequence[str] | None = None) -> np.ndarray:
         return self.fit(X, columns=columns).transform(X)
@@ -139,16 +168,22 @@ class AffineScaler:
     ) -> AffineScaler:
         raise NotImplementedError(f"{type(self).__name__} holds given factors; it cannot fit")
 
-    def _apply(self, X: Any, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    def _checked(self, X: Any, check_finite: bool = True) -> np.ndarray:
         X = _as_2d_float(X, f"{type(self).__name__} input")
         if X.shape[1] != self.n_features_in_:
             raise DataError(
                 f"X has {X.shape[1]} columns, but this {type(self).__name__} was fitted on "
                 f"{self.n_features_in_} ({', '.join(self.columns_)})"
             )
-        _check_finite(X, self.columns_)
+        if check_finite:
+            _check_finite(X, self.columns_)
+        return X
+
+    @staticmethod
+    def _affine(X: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
         # Same arithmetic as the graph: constants cast to the data's dtype, multiply, add.
-        return X * scale.astype(X.dtype) + shift.astype(X.dtype)
+        with np.errstate(invalid="ignore"):  # -inf from log(0) stays -inf (or NaN)
+            return X * scale.astype(X.dtype) + shift.astype(X.dtype)
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:
@@ -168,6 +203,7 @@ class AffineScaler:
         names: list[str],
         constant: np.ndarray,
         target: bool,
+        kinds: tf.Kinds,
     ) -> None:
         with np.errstate(over="ignore"):
             spans = self.data_max_ - self.data_min_
@@ -179,6 +215,7 @@ class AffineScaler:
         check_values(scale, shift, [f"column {n!r}" for n in names], "fitted scaler")
         self.columns_ = names
         self.n_features_in_ = len(names)
+        self.transforms_ = kinds
         self.constant_columns_ = [n for n, c in zip(names, constant, strict=True) if c]
         if target:
             self.check_target()
@@ -197,6 +234,8 @@ class AffineScaler:
         self._check_fitted()
         out: dict[str, Any] = {"kind": self.kind, "columns": list(self.columns_)}
         out.update(self._settings())
+        if self.has_transforms:
+            out["transform"] = self.transforms()
         out.update({k: v.tolist() for k, v in self._statistics().items()})
         for key in self._optional_statistics:
             value = getattr(self, key + "_", None)
@@ -249,6 +288,8 @@ class AffineScaler:
         self.inverse_shift_ = arrays["inverse_shift"]
         self.columns_ = list(columns)
         self.n_features_in_ = n
+        self.transforms_ = tf.load_spec(obj.get("transform"), self.columns_, source)
+        self.transform_spec = self.transforms()
         self.constant_columns_ = self._constant_columns()
         return self
 
@@ -267,8 +308,19 @@ class AffineScaler:
     def _constant_columns(self) -> list[str]:
         return []
 
+    def _fit_transformed(
+        self, X: Any, columns: Sequence[str] | None
+    ) -> tuple[np.ndarray, np.ndarray, list[str], tf.Kinds]:
+        """Validate ``X``: the raw float64 array, its transformed values, names, kinds."""
+        X, names = _prepare_fit(X, columns, type(self).__name__)
+        kinds = tf.kinds_for(self.transform_spec, names, f"{type(self).__name__}.fit")
+        tf.check_domain(X, kinds, names)
+        return X, tf.apply(X, kinds), names, kinds
+
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self._settings().items())
+        if self.transform_spec:
+            settings += (", " if settings else "") + f"transform={self.transform_spec!r}"
         state = f" fitted on {self.columns_}" if self.is_fitted else ""
         return f"{type(self).__name__}({settings}){state}"
 
@@ -287,6 +339,13 @@ class MinMaxScaler(AffineScaler):
     array([[0.5, 0.5]])
     >>> sc.inverse_transform(np.array([[0.0, 1.0]]))
     array([[ 0., 30.]])
+
+    ``transform`` names columns to transform before scaling; ``data_min_`` and
+    ``data_max_`` stay in raw units, the map spans their transformed values:
+
+    >>> sc = MinMaxScaler(transform={"y": "log"}).fit(np.array([[1.0], [100.0]]), columns=["y"])
+    >>> sc.transform(np.array([[10.0]]))
+    array([[0.5]])
     """
 
     kind: ClassVar[str] = "minmax"
@@ -294,20 +353,28 @@ class MinMaxScaler(AffineScaler):
     data_min_: np.ndarray
     data_max_: np.ndarray
 
-    def __init__(self, feature_range: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        feature_range: tuple[float, float] = (0.0, 1.0),
+        *,
+        transform: dict[str, str] | None = None,
+    ) -> None:
         self.feature_range = _check_feature_range(feature_range, "feature_range")
+        self.transform_spec = tf.check_spec(transform)
 
     def fit(
         self, X: Any, columns: Sequence[str] | None = None, *, target: bool = False
     ) -> MinMaxScaler:
-        X, names = _prepare_fit(X, columns, type(self).__name__)
+        X, _, names, kinds = self._fit_transformed(X, columns)
         self.data_min_, self.data_max_ = X.min(axis=0), X.max(axis=0)
-        data_range = self.data_max_ - self.data_min_
+        # every transform is increasing: the transformed extremes are those of the raw data
+        t_min, t_max = tf.apply(np.stack([self.data_min_, self.data_max_]), kinds)
+        data_range = t_max - t_min
         low, high = self.feature_range
         constant = data_range == 0
         scale = (high - low) / np.where(constant, 1.0, data_range)
         scale[constant] = 1.0
-        self._finish_fit(scale, low - self.data_min_ * scale, names, constant, target)
+        self._finish_fit(scale, low - t_min * scale, names, constant, target, kinds)
         return self
 
     @property
@@ -333,6 +400,9 @@ class MinMaxScaler(AffineScaler):
 class StandardScaler(AffineScaler):
     """Z-score each column: ``(x - mean) / std`` (population std, as scikit-learn).
 
+    With ``transform`` (as for :class:`MinMaxScaler`), ``mean_`` and ``std_`` are those of
+    the transformed values.
+
     Examples
     --------
     >>> import numpy as np
@@ -350,19 +420,20 @@ class StandardScaler(AffineScaler):
     data_min_: np.ndarray | None
     data_max_: np.ndarray | None
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, transform: dict[str, str] | None = None) -> None:
+        self.transform_spec = tf.check_spec(transform)
 
     def fit(
         self, X: Any, columns: Sequence[str] | None = None, *, target: bool = False
     ) -> StandardScaler:
-        X, names = _prepare_fit(X, columns, type(self).__name__)
-        self.mean_, self.std_ = X.mean(axis=0), X.std(axis=0)
-        # the range is not part of the map, but it is each column's yardstick for errors
+        X, Xt, names, kinds = self._fit_transformed(X, columns)
+        # mean and std of the transformed values (they define the map)
+        self.mean_, self.std_ = Xt.mean(axis=0), Xt.std(axis=0)
+        # the raw range is not part of the map, but it is each column's yardstick for errors
         self.data_min_, self.data_max_ = X.min(axis=0), X.max(axis=0)
         constant = self.std_ == 0
         scale = 1.0 / np.where(constant, 1.0, self.std_)
-        self._finish_fit(scale, -self.mean_ * scale, names, constant, target)
+        self._finish_fit(scale, -self.mean_ * scale, names, constant, target, kinds)
         return self
 
     def _constant_columns(self) -> list[str]:
@@ -380,11 +451,13 @@ class StandardScaler(AffineScaler):
 def scalers_to_dict(
     in_scaler: AffineScaler, out_scaler: AffineScaler, dtype: str
 ) -> dict[str, Any]:
-    """The ``scalers.json`` document (format ``normexport.scalers/1``)."""
+    """The ``scalers.json`` document: format ``normexport.scalers/1``, or ``/2`` when a
+    column has a transform."""
     if dtype not in DTYPES:
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    transformed = in_scaler.has_transforms or out_scaler.has_transforms
     return {
-        "format": SCALERS_FORMAT,
+        "format": SCALERS_FORMAT_TRANSFORMS if transformed else SCALERS_FORMAT,
         "dtype": dtype,
         "inputs": in_scaler.to_dict(),
         "outputs": out_scaler.to_dict(),
@@ -393,9 +466,10 @@ def scalers_to_dict(
 
 def scalers_from_dict(obj: Any, source: str = "scalers") -> tuple[AffineScaler, AffineScaler, str]:
     """Parse a ``scalers.json`` document into ``(in_scaler, out_scaler, dtype)``."""
-    if not isinstance(obj, dict) or obj.get("format") != SCALERS_FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") not in SCALERS_FORMATS:
         found = obj.get("format") if isinstance(obj, dict) else None
-        raise FormatError(f"{source}: format tag is {found!r}, expected {SCALERS_FORMAT!r}")
+        expected = " or ".join(repr(f) for f in SCALERS_FORMATS)
+        raise FormatError(f"{source}: format tag is {found!r}, expected {expected}")
     dtype = obj.get("dtype")
     if dtype not in DTYPES:
         raise FormatError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")

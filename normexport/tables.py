@@ -119,6 +119,20 @@ def load_columns(path: PathLike, columns: Sequence[str], **kw: Any) -> np.ndarra
     return load_table(path, [columns], **kw)[0]
 
 
+def locate_row(path: PathLike, row: int, *, delimiter: str | None = None) -> str:
+    """Where data row ``row`` (0-based, as in :func:`load_table`'s arrays) is, to start an
+    error message: ``file:LINE`` for CSV (1-based file line), ``file: row N`` otherwise."""
+    source = _open(Path(path), delimiter)
+    if isinstance(source, _Csv):
+        with source._records() as records:
+            next(records, None)  # the header
+            data = (line for line, cells in records if cells)
+            for index, line in enumerate(data):
+                if index == row:
+                    return f"{source.path}:{line}"
+    return f"{source.path}: row {row}"
+
+
 def _rebatch(
     source: _Source,
     numeric: list[str],

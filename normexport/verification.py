@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from normexport import files
+from normexport import files, transforms
 from normexport.errors import DataError, NormexportError, first_line
 from normexport.modeldir import NET_PREFIX, ONNX_FILE, SCALERS_FILE, symbol_file
 from normexport.reference import numpy_runtime
 from normexport.runtimes import Runtime, onnx_reference_runtime, onnxruntime_runtime
-from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler, scalers_from_dict
+from normexport.scaling import AffineScaler, StandardScaler, scalers_from_dict
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-12}
 CHUNK_ROWS = 65536
@@ -62,7 +62,9 @@ class VerificationReport:
     ``rounding`` is how far a float32 evaluation of the network lies from its float64
     evaluation, per output and relative to its range; when that forced a looser
     tolerance than ``rtol_default``, ``loosened`` says so. ``warnings`` are the sanity
-    checks of :func:`sanity_warnings`.
+    checks of :func:`sanity_warnings`. ``transformed`` names the outputs compared on their
+    transformed values (``{"y": "log"}``: errors are those of ``log(y)``, relative to its
+    range).
     """
 
     ok: bool
@@ -84,6 +86,7 @@ class VerificationReport:
     # rows of finite inputs whose outputs are not finite: inside the training box (a
     # failure) and outside it (reported), with the first of each
     non_finite: dict[str, Any] = field(default_factory=dict)
+    transformed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "normexport.verification/1", **asdict(self)}
@@ -125,6 +128,9 @@ class VerificationReport:
         ]
         if self.loosened:
             lines.append(self.loosened)
+        if self.transformed:
+            compared = ", ".join(f"{k}({c})" for c, k in self.transformed.items())
+            lines.append(f"compared on transformed values, relative to their range: {compared}")
         lines.append(
             f"{'runtime pair':<30} {'rows':>7}  {'output':<10} {'max abs err':>12} "
             f"{'max rel err':>12}"
@@ -171,7 +177,9 @@ def edge_rows(scaler: AffineScaler) -> np.ndarray:
     """Each column at its minimum, maximum, midpoint and 50% beyond either end.
 
     One row with every column at the same landmark, then, per column, rows with that
-    column at each landmark and the others at their midpoints.
+    column at each landmark and the others at their midpoints. A transformed column's
+    landmarks are taken on its transformed values (a log column's midpoint is the
+    geometric mean), so they stay inside the transform's domain.
     """
     low, high = _training_box(scaler)
     width = high - low
@@ -183,26 +191,32 @@ def edge_rows(scaler: AffineScaler) -> np.ndarray:
             row = mid.copy()
             row[j] = mark[j]
             rows.append(row)
-    return np.unique(np.array(rows), axis=0)
+    return np.unique(_raw(scaler, np.array(rows)), axis=0)
 
 
 def random_rows(scaler: AffineScaler, n: int, seed: int = 0) -> np.ndarray:
-    """Uniform rows over the training box (used when no data is given)."""
+    """Uniform rows over the training box, in transformed values for a transformed
+    column (used when no data is given)."""
     low, high = _training_box(scaler)
-    return np.random.default_rng(seed).uniform(low, high, size=(n, low.size))
+    return _raw(scaler, np.random.default_rng(seed).uniform(low, high, size=(n, low.size)))
+
+
+def _raw(scaler: AffineScaler, rows: np.ndarray) -> np.ndarray:
+    """Rows of :func:`_training_box` values back in raw units."""
+    return transforms.apply(rows, transforms.side_ops(scaler.transforms_, "out"))
 
 
 def _training_box(scaler: AffineScaler) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(scaler, MinMaxScaler):
-        return scaler.data_min_, scaler.data_max_
+    """Each column's training range; in transformed values for a transformed column."""
+    low, high = getattr(scaler, "data_min_", None), getattr(scaler, "data_max_", None)
+    if low is not None and high is not None:
+        box = transforms.apply(np.stack([low, high]), scaler.transforms_)
+        return box[0], box[1]
     if isinstance(scaler, StandardScaler):
-        if scaler.data_min_ is not None and scaler.data_max_ is not None:
-            return scaler.data_min_, scaler.data_max_
         return scaler.mean_ - 2 * scaler.std_, scaler.mean_ + 2 * scaler.std_
-    # Given factors: the raw values that map to 0 and 1 in normalized space.
-    ends = scaler.inverse_transform(
-        np.array([[0.0] * scaler.n_features_in_, [1.0] * scaler.n_features_in_])
-    )
+    # Given factors: the (transformed) values that map to 0 and 1 in normalized space.
+    scale, shift = scaler.inverse_affine()
+    ends = np.stack([shift, scale + shift])
     return ends.min(axis=0), ends.max(axis=0)
 
 
@@ -618,7 +632,7 @@ def check_rows(
     compared runtimes. The report carries :func:`sanity_warnings` on the data rows.
     """
     edges = edge_rows(in_scaler)
-    span = out_scaler.span()
+    runtimes, span = _on_transformed_outputs(runtimes, out_scaler)
     watch = _InputWatch(in_scaler)
     runs = Runs(
         out_scaler.n_features_in_,
@@ -666,6 +680,7 @@ def check_rows(
         loosened=loosened,
         warnings=warnings,
         non_finite=non_finite,
+        transformed=out_scaler.transforms(),
     )
 
 
@@ -681,6 +696,29 @@ def _describe_non_finite(
         shown = ", ".join(f"{c}={v:.6g}" for c, v in zip(columns, values, strict=True))
         described[where] = {"rows": item["rows"], "first": f"{row} ({shown})"}
     return described
+
+
+def _on_transformed_outputs(
+    runtimes: dict[str, Callable[[], Runtime]], out_scaler: AffineScaler
+) -> tuple[dict[str, Callable[[], Runtime]], np.ndarray]:
+    """The runtimes and spans to compare: an output with a transform (log y) is compared
+    on its transformed values, relative to their range, where the network's rounding
+    lives; in raw units ``exp`` would stretch it by the output's magnitude."""
+    span = out_scaler.span()
+    kinds = out_scaler.transforms_
+    if not any(kinds):
+        return runtimes, span
+    low, high = _training_box(out_scaler)
+    span = np.where([k is not None for k in kinds], np.where(high > low, high - low, 1.0), span)
+
+    def transformed(make: Callable[[], Runtime]) -> Callable[[], Runtime]:
+        def load() -> Runtime:
+            run = make()
+            return lambda X: transforms.apply(np.asarray(run(X), dtype=np.float64), kinds)
+
+        return load
+
+    return {name: transformed(make) for name, make in runtimes.items()}, span
 
 
 # A float32 runtime's distance from the float64 evaluation is its own rounding; a
@@ -748,6 +786,7 @@ class _InputWatch:
         self.band = (low, high)
         n = in_scaler.n_features_in_
         self.rows = 0
+        self.outside = np.zeros(n, dtype=np.int64)  # rows outside a transform's domain
         self.far = np.zeros(n, dtype=np.int64)
         self.low = np.full(n, np.inf)
         self.high = np.full(n, -np.inf)
@@ -756,8 +795,10 @@ class _InputWatch:
         if not len(X):
             return
         scale, shift = self.scaler.affine()
+        X = np.asarray(X, dtype=np.float64)
+        self.outside += transforms.out_of_domain(X, self.scaler.transforms_)
         with np.errstate(all="ignore"):
-            Xn = np.asarray(X, dtype=np.float64) * scale + shift
+            Xn = transforms.apply(X, self.scaler.transforms_) * scale + shift
         self.rows += len(Xn)
         self.far += np.sum((Xn < self.band[0]) | (Xn > self.band[1]), axis=0)
         self.low = np.fmin(self.low, np.nanmin(Xn, axis=0))
@@ -771,6 +812,22 @@ class _InputWatch:
     def warnings(self) -> list[str]:
         if not self.rows:
             return []
+        return self._outside_warnings() + self._far_warnings()
+
+    def _outside_warnings(self) -> list[str]:
+        lines = []
+        for j, name in enumerate(self.scaler.transforms_):
+            if name is None or not self.outside[j]:
+                continue
+            low = transforms.TRANSFORMS[name].low
+            lines.append(
+                f"column {self.scaler.columns_[j]!r}: {self.outside[j]} of the {self.rows} "
+                f"data rows lie outside the domain of {name} (<= {low:g}); the transform "
+                "gives NaN (-inf at the boundary) and the model's outputs for them mean nothing"
+            )
+        return lines
+
+    def _far_warnings(self) -> list[str]:
         bad = [j for j in range(self.far.size) if self.far[j] * 2 > self.rows]
         if not bad:
             return []

@@ -20,6 +20,12 @@ defaults      the training defaults against the previous ones (200 epochs at bat
               ``--sections defaults``.
 verification  rows per second of ``verify_directory`` and its peak memory, at two row
               counts (the peak must not grow with the rows: verification is chunked).
+transforms    what ``log`` targets buy on a physics-like table whose three targets span
+              about 6.6, 10 and 4.4 decades: the same network trained on min-max targets and
+              on log-then-min-max targets (same inputs, split and seed), hold-out median
+              relative error on each target's smallest 10% and count of negative
+              predictions. Not in the default set (it trains for minutes):
+              ``--sections transforms``.
 
 Results go to ``bench-results/bench-<time>.json`` (and ``latest.json``) plus a readable
 table (``latest.txt``). ``--quick`` is a one-minute version with smaller cases and fewer
@@ -85,6 +91,8 @@ FULL = {
     "verify_rows": (100_000, 1_000_000),
     "defaults_rows": 50_000,
     "defaults_seeds": (0, 1, 2),
+    "transforms_rows": 10_000,
+    "transforms_seeds": (0, 1, 2),
 }
 QUICK = {
     "rounds": 40,
@@ -96,6 +104,8 @@ QUICK = {
     "verify_rows": (20_000, 200_000),
     "defaults_rows": 10_000,
     "defaults_seeds": (0,),
+    "transforms_rows": 5_000,
+    "transforms_seeds": (0,),
 }
 
 
@@ -931,6 +941,92 @@ def training_problem(n: int, seed: int = 0) -> tuple[Any, Any]:
     return X, Y
 
 
+K_B = 8.617333262e-5  # Boltzmann's constant, eV/K
+PHYSICS_TARGETS = ("rate", "flux", "path")
+
+
+def physics_table(n: int, seed: int = 0) -> tuple[Any, Any]:
+    """n rows of a physics-like table: temperature 600-1500 K, activation energy
+    0.5-1.0 eV and pressure 0.01-100 bar (log-uniform) -> an Arrhenius rate (up to 6.7
+    decades), the rate times the pressure (up to 10.7) and a mean free path ~ T/p (4.4)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    T = rng.uniform(600.0, 1500.0, n)
+    E = rng.uniform(0.5, 1.0, n)
+    p = 10.0 ** rng.uniform(-2.0, 2.0, n)
+    rate = 1e3 * np.exp(-E / (K_B * T))
+    return np.column_stack([T, E, p]), np.column_stack([rate, rate * p, 1e-3 * T / p])
+
+
+def small_decile_error(true: Any, pred: Any) -> list[float]:
+    """Per target, the median relative error |pred / true - 1| over the rows holding the
+    smallest 10% of its true values."""
+    import numpy as np
+
+    out = []
+    for j in range(true.shape[1]):
+        small = true[:, j] <= np.quantile(true[:, j], 0.1)
+        out.append(float(np.median(np.abs(pred[small, j] / true[small, j] - 1.0))))
+    return out
+
+
+def bench_transforms(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The physics table trained twice per seed, on min-max and on log targets."""
+    import numpy as np
+
+    import normexport as nx
+    from normexport.mx.training import train
+
+    X, Y = physics_table(cfg["transforms_rows"])
+    runs = []
+    for seed in cfg["transforms_seeds"]:
+        for arm, transform in (("min-max", None), ("log", dict.fromkeys(PHYSICS_TARGETS, "log"))):
+            in_sc = nx.MinMaxScaler().fit(X, columns=["T", "E", "p"])
+            out_sc = nx.MinMaxScaler(transform=transform).fit(
+                Y, columns=list(PHYSICS_TARGETS), target=True
+            )
+            result = train(X, Y, in_scaler=in_sc, out_scaler=out_sc, seed=seed, progress=False)
+            true, pred = result.holdout_true, result.holdout_pred
+            run = {
+                "targets": arm,
+                "seed": seed,
+                "seconds": result.seconds,
+                "epochs_run": len(result.history),
+                "small_decile_median_rel_error": dict(
+                    zip(PHYSICS_TARGETS, small_decile_error(true, pred), strict=True)
+                ),
+                "median_rel_error": dict(
+                    zip(
+                        PHYSICS_TARGETS,
+                        np.median(np.abs(pred / true - 1.0), axis=0).tolist(),
+                        strict=True,
+                    )
+                ),
+                "negative_predictions": dict(
+                    zip(PHYSICS_TARGETS, np.sum(pred <= 0, axis=0).tolist(), strict=True)
+                ),
+                "holdout_rmse_relative": result.holdout_rmse_relative,
+                "holdout_rows": len(true),
+            }
+            runs.append(run)
+            small = ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in run["small_decile_median_rel_error"].items()
+            )
+            log(
+                f"  transforms: {arm} targets, seed {seed}: {run['seconds']:.0f} s, "
+                f"{run['epochs_run']} epochs; smallest decile {small}; negative "
+                f"{sum(run['negative_predictions'].values())}"
+            )
+    decades = np.log10(Y.max(axis=0) / Y.min(axis=0))
+    return {
+        "table": f"{cfg['transforms_rows']:,} rows: T, E, p -> rate, flux, path; 20% held out",
+        "decades": dict(zip(PHYSICS_TARGETS, decades.round(1).tolist(), strict=True)),
+        "network": "3x32 sigmoid, float64, Adam (the train defaults)",
+        "runs": runs,
+    }
+
+
 def bench_defaults(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """``train(X, Y)`` with today's defaults against the previous defaults, same data,
     same seed, same process; per seed the two run back to back, alternating which
@@ -1150,6 +1246,7 @@ def format_table(results: dict[str, Any]) -> str:
             )
         verdict = {True: "met", False: "NOT met", None: "set on 50,000 rows (a full run)"}
         lines.append(f"   target {de['target']}: {verdict[de['met']]}")
+    lines += _transforms_lines(results.get("transforms"))
     ver = results.get("verification")
     if ver:
         lines += ["", f"4. verification throughput ({ver['model']}, all four runtimes):"]
@@ -1161,6 +1258,26 @@ def format_table(results: dict[str, Any]) -> str:
                 f" MiB over start (input {case['input_mib']:.0f} MiB); {per_rt}"
             )
     return "\n".join(lines)
+
+
+def _transforms_lines(tf: dict[str, Any] | None) -> list[str]:
+    if not tf:
+        return []
+    decades = ", ".join(f"{k} {v:g}" for k, v in tf["decades"].items())
+    lines = ["", f"6. transforms ({tf['table']}; decades: {decades}; {tf['network']}):"]
+    for run in tf["runs"]:
+        small = ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in run["small_decile_median_rel_error"].items()
+        )
+        whole = ", ".join(f"{k} {100 * v:.2f}%" for k, v in run["median_rel_error"].items())
+        negative = ", ".join(f"{k} {v}" for k, v in run["negative_predictions"].items())
+        rmse = ", ".join(f"{k} {100 * v:.3f}%" for k, v in run["holdout_rmse_relative"].items())
+        lines.append(
+            f"   {run['targets']:<8} seed {run['seed']}: smallest decile {small} | all rows "
+            f"{whole} | negative {negative} (of {run['holdout_rows']}) | RMSE of range {rmse} "
+            f"| {run['seconds']:.0f} s"
+        )
+    return lines
 
 
 def format_markdown(results: dict[str, Any], large: dict[str, Any] | None = None) -> str:
@@ -1258,6 +1375,33 @@ def format_markdown(results: dict[str, Any], large: dict[str, Any] | None = None
                 f"{run['epochs_run']} | {run['batch_size']} | {run['lr']:.3g} | "
                 f"{100 * run['mean_holdout_rmse_relative']:.3f} | {run['stopped']} |"
             )
+    tf = results.get("transforms")
+    if tf:
+        out += [
+            "",
+            f"Transforms ({tf['table']}; {tf['network']}): median relative error over the "
+            "hold-out rows (on each target's smallest 10%, and on all) and negative "
+            "predictions.",
+            "",
+            "| targets | seed | smallest 10%: "
+            + " | ".join(tf["decades"])
+            + " | all rows: "
+            + " | ".join(tf["decades"])
+            + " | negative | RMSE, % of range: "
+            + " | ".join(tf["decades"])
+            + " |",
+            "| --- | ---: |" + " ---: |" * (3 * len(tf["decades"]) + 1),
+        ]
+        for run in tf["runs"]:
+            small = " | ".join(
+                f"{100 * v:.1f}%" for v in run["small_decile_median_rel_error"].values()
+            )
+            whole = " | ".join(f"{100 * v:.2f}%" for v in run["median_rel_error"].values())
+            rmse = " | ".join(f"{100 * v:.3f}%" for v in run["holdout_rmse_relative"].values())
+            out.append(
+                f"| {run['targets']} | {run['seed']} | {small} | {whole} | "
+                f"{sum(run['negative_predictions'].values())} | {rmse} |"
+            )
     ver = results.get("verification")
     if ver:
         out += [
@@ -1296,7 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         default="inference,export,training,verification",
         help="comma-separated subset of inference,export,training,verification "
-        "(and defaults, not run unless named: minutes)",
+        "(and defaults and transforms, not run unless named: minutes)",
     )
     parser.add_argument("--rounds", type=int, help="override the number of inference rounds")
     parser.add_argument("--keep-work", action="store_true", help="keep bench-results/work")
@@ -1322,7 +1466,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         cfg["rounds"] = args.rounds
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"inference", "export", "training", "verification", "defaults"}
+    known = {"inference", "export", "training", "verification", "defaults", "transforms"}
+    unknown = set(sections) - known
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     RESULTS.mkdir(exist_ok=True)
@@ -1357,6 +1502,8 @@ def main(argv: list[str] | None = None) -> int:
         results["verification"] = bench_verification(work, cfg, log)
     if "defaults" in sections:
         results["defaults"] = bench_defaults(cfg, log)
+    if "transforms" in sections:
+        results["transforms"] = bench_transforms(cfg, log)
     results["environment"]["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - t0
     text = format_table(results)

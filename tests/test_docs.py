@@ -33,6 +33,7 @@ PAGES = [
     "docs/post-training.md",
     "docs/quickstart.md",
     "docs/bake.md",
+    "docs/transforms.md",
     "README.md",
 ]
 FOREIGN = ("torch", "tensorflow", "tf2onnx", "keras", "sklearn", "skl2onnx", "lightgbm", "xgboost")

@@ -43,6 +43,8 @@ CASES = {
         lambda x: np.clip(f32(0.3) * x + f32(0.4), 0, 1),
     ),
     "Erf": ({}, {}, np.frompyfunc(math.erf, 1, 1)),
+    "Asinh": ({}, {}, np.arcsinh),
+    "Sinh": ({}, {}, np.sinh),
 }
 
 

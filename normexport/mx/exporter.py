@@ -29,8 +29,10 @@ from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 
 from normexport import onnxkit
 from normexport.errors import GraphError, first_line
+from normexport.onnx_transforms import op_nodes
 from normexport.onnxkit import DEFAULT_OPSET, check, newest_opset, write_model
 from normexport.passes import BATCH, post_process
+from normexport.transforms import MXNET_OPS
 
 
 def export_graph(
@@ -111,6 +113,30 @@ def _convert_erf(node: dict[str, Any], **kwargs: Any) -> list[onnx.NodeProto]:
 
 if "erf" not in MXNetGraph.registry_.get(DEFAULT_OPSET, {}):
     MXNetGraph.register("erf", DEFAULT_OPSET)(_convert_erf)
+
+
+def _convert_transform(op: str) -> Any:
+    """MXNet's ``log1p``, ``expm1``, ``arcsinh`` and ``sinh`` (the transforms' ops, which
+    the exporter of mxnet 1.9.1 has no rule for) as the nodes that
+    :func:`normexport.onnx_transforms.op_nodes` builds, under the MXNet node's name."""
+
+    def convert(node: dict[str, Any], **kwargs: Any) -> list[onnx.NodeProto]:
+        source = node["inputs"][0]
+        value = kwargs["outputs_lookup"][source[0]][source[1]]
+        name = node["name"]
+        one = f"{name}_one"
+        if op in ("log1p", "expm1"):
+            kwargs["initializer"].append(
+                onnx.numpy_helper.from_array(np.array(1, np.dtype(value.dtype)), one)
+            )
+        return op_nodes(op, value.name, name, name, one)
+
+    return convert
+
+
+for _op, _mx_op in MXNET_OPS.items():  # log and exp it has
+    if _mx_op not in MXNetGraph.registry_.get(DEFAULT_OPSET, {}):
+        MXNetGraph.register(_mx_op, DEFAULT_OPSET)(_convert_transform(_op))
 
 
 class _Unfilled(Sequence[float]):

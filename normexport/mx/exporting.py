@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from normexport import files, tables
+from normexport import files, tables, transforms
 from normexport.affine import SPLICED, load_factors
 from normexport.errors import (
     DataError,
@@ -317,18 +317,28 @@ def train_to_directory(
     out_dir: str | os.PathLike[str],
     *,
     scaler: str = "minmax",
+    transform: dict[str, str] | None = None,
     **train_options: Any,
 ) -> Any:
     """Load a CSV, fit scalers, train, and write ``scalers.json``, ``net-*``, plots and a
-    training manifest into ``out_dir``. Returns the :class:`~normexport.training.TrainResult`."""
+    training manifest into ``out_dir``. Returns the :class:`~normexport.training.TrainResult`.
+
+    ``transform`` maps input or target columns to ``log``, ``log1p`` or ``asinh``."""
     _check_columns(inputs, targets)
     X, Y = tables.load_table(data_csv, [inputs, targets])
     scaler_cls = {"minmax": MinMaxScaler, "standard": StandardScaler}.get(scaler)
     if scaler_cls is None:
         raise DataError(f"scaler must be minmax or standard, got {scaler!r}")
-    in_scaler = scaler_cls().fit(X, columns=inputs)
+    transform = transforms.check_spec(transform, "--transform")
+    transforms.kinds_for(transform, [*inputs, *targets], "--transform")
     try:
-        out_scaler = scaler_cls().fit(Y, columns=targets, target=True)
+        in_scaler = scaler_cls(transform=_subset(transform, inputs)).fit(X, columns=inputs)
+        out_scaler = scaler_cls(transform=_subset(transform, targets)).fit(
+            Y, columns=targets, target=True
+        )
+    except transforms.DomainError as exc:
+        where = tables.locate_row(data_csv, exc.row)
+        raise DataError(f"{where}: column {exc.column!r}: {exc.problem}") from exc
     except DataError as exc:
         raise DataError(f"{data_csv}: {exc}") from exc
     result = train(X, Y, in_scaler=in_scaler, out_scaler=out_scaler, **train_options)
@@ -352,6 +362,10 @@ def train_to_directory(
         summary["report"] = [f"{REPORT_DIR}/loss.png", f"{REPORT_DIR}/parity.png"]
         write_manifest(stage, {"dtype": dtype, "training": summary})
     return result
+
+
+def _subset(transform: dict[str, str], columns: Sequence[str]) -> dict[str, str]:
+    return {c: k for c, k in transform.items() if c in columns}
 
 
 # --------------------------------------------------------------------------- stages
@@ -394,11 +408,14 @@ def _write_model_files(
     inference = graph.for_inference(checkpoint, info.n_inputs)
     if mode == "fold":
         model, plan = graph.fold(inference, in_affine, out_affine)
-        fold = plan.to_dict()
+        fold = plan.keeping(in_scaler.transforms(), out_scaler.transforms()).to_dict()
     else:
         model = graph.splice(inference, in_affine, out_affine)
         fold = SPLICED.to_dict()
     del inference
+    model = graph.splice_transforms(
+        model, in_scaler.transforms_, transforms.side_ops(out_scaler.transforms_, "out")
+    )
     ckpt.save_checkpoint(model, stage, MODEL_PREFIX)
     for stale in stage.glob(ONNX_FILE + "*"):
         stale.unlink()

@@ -11,6 +11,8 @@ normalized space and exported raw in, raw out.
   square of its range: ``docs/why-custom-layers-stall.md``);
 - the four constants are Gluon ``Constant`` parameters (``grad_req='null'``): no
   gradient reaches them and a ``Trainer`` never changes them;
+- scalers with non-linear transforms (``MinMaxScaler(transform={"y": "log"})``) work
+  as they are: the forward pass, the targets of the loss and the export apply them;
 - ``block.export(prefix)`` writes an ordinary MXNet checkpoint, raw in and raw out,
   made by :func:`normexport.mx.graph.splice` (or ``fold``) on the inner network, the
   same step ``nx.export`` runs, so the nodes are the ones every normexport model has
@@ -32,6 +34,7 @@ from normexport.errors import DataError, GraphError
 from normexport.mx import graph
 from normexport.mx.checkpoint import save_checkpoint
 from normexport.scaling import DTYPES, AffineScaler
+from normexport.transforms import side_ops
 
 MODES = ("splice", "fold")
 
@@ -109,8 +112,14 @@ class Normalized(gluon.HybridBlock):
         self, F: Any, x: Any, in_scale: Any, in_shift: Any, out_scale: Any, out_shift: Any
     ) -> Any:
         """Raw inputs in, raw outputs out."""
-        y = self.inner(_affine(F, x, in_scale, in_shift))
-        return _affine(F, y, out_scale, out_shift)
+        y = self.inner(_affine(F, self._transform(F, x, "in"), in_scale, in_shift))
+        return self._transform(F, _affine(F, y, out_scale, out_shift), "out")
+
+    def _transform(self, F: Any, x: Any, side: str) -> Any:
+        """The scalers' non-linear transforms (if any) on one side, as in the export."""
+        if side == "in":
+            return graph.apply_transforms(F, x, side, self._in_scaler.transforms_)
+        return graph.apply_transforms(F, x, side, side_ops(self._out_scaler.transforms_, side))
 
     def forward(self, x: Any, *args: Any) -> Any:
         if isinstance(x, mx.nd.NDArray):
@@ -122,14 +131,15 @@ class Normalized(gluon.HybridBlock):
         self._check_width(x_raw, self._in_scaler, "x_raw")
         ctx = x_raw.context
         scale, shift = self.in_scale.data(ctx), self.in_shift.data(ctx)
-        return self.inner(_affine(mx.nd, x_raw, scale, shift))
+        return self.inner(_affine(mx.nd, self._transform(mx.nd, x_raw, "in"), scale, shift))
 
     def normalize_targets(self, y_raw: mx.nd.NDArray) -> mx.nd.NDArray:
         """``out_scaler.transform(y_raw)`` in MXNet, in the block's dtype."""
         self._check_width(y_raw, self._out_scaler, "y_raw")
         ctx = y_raw.context
         scale, shift = (v.as_in_context(ctx) for v in self._target)
-        return _affine(mx.nd, y_raw, scale, shift)
+        targets = graph.apply_transforms(mx.nd, y_raw, "in", self._out_scaler.transforms_)
+        return _affine(mx.nd, targets, scale, shift)
 
     def loss(self, x_raw: mx.nd.NDArray, y_raw: mx.nd.NDArray, loss: Any = None) -> mx.nd.NDArray:
         """Per-row loss of the inner network in normalized space (default ``L2Loss``).
@@ -212,9 +222,13 @@ class Normalized(gluon.HybridBlock):
             )
         inference = graph.for_inference(inner, info.n_inputs)
         in_affine, out_affine = self._in_scaler.affine(), self._out_scaler.inverse_affine()
+        transforms = (self._in_scaler.transforms_, side_ops(self._out_scaler.transforms_, "out"))
         if mode == "splice":
-            return graph.splice(inference, in_affine, out_affine)
+            return graph.splice_transforms(
+                graph.splice(inference, in_affine, out_affine), *transforms
+            )
         model, plan = graph.fold(inference, in_affine, out_affine)
+        model = graph.splice_transforms(model, *transforms)
         for side, how, reason in (
             ("input", plan.input, plan.input_reason),
             ("output", plan.output, plan.output_reason),

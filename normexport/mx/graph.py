@@ -24,6 +24,7 @@ import numpy as np
 
 from normexport.affine import PREFIX, Affine, FoldPlan, check_affine, constant_name, fold_dense
 from normexport.errors import GraphError, NormexportError, first_line
+from normexport.transforms import MXNET_OPS, Kinds, runs
 
 INPUT_NAME = "data"
 
@@ -244,6 +245,44 @@ def _splice_output(checkpoint: Checkpoint, info: NetInfo, affine: Affine) -> Che
         constant_name("out", "shift"): _constant(affine[1], info.dtype),
     }
     return Checkpoint(symbol, arg_params, dict(aux_params))
+
+
+def splice_transforms(checkpoint: Checkpoint, in_ops: Kinds, out_ops: Kinds) -> Checkpoint:
+    """Apply ``in_ops`` to the raw input ``data`` first and ``out_ops`` to the output
+    last: the edges of a spliced or folded checkpoint (its input must be ``data``).
+
+    Columns sharing an op form a run (:func:`normexport.transforms.runs`): one op when a
+    run spans every column, else ``slice_axis`` per run and ``concat``, with the node
+    names of :mod:`normexport.onnx_transforms` (which MXNet's exporter keeps).
+    """
+    symbol, arg_params, aux_params = checkpoint
+    if any(in_ops):
+        symbol = symbol(
+            **{INPUT_NAME: apply_transforms(mx.sym, mx.sym.var(INPUT_NAME), "in", in_ops)}
+        )
+    if any(out_ops):
+        symbol = apply_transforms(mx.sym, symbol, "out", out_ops)
+    return Checkpoint(symbol, dict(arg_params), dict(aux_params))
+
+
+def apply_transforms(F: Any, x: Any, side: str, ops: Kinds) -> Any:
+    """``ops`` (one op name or None per column) on ``x`` with ``F`` (``mx.sym`` or
+    ``mx.nd``): the transforms' nodes, in a symbol and in a Gluon block alike."""
+    if not any(ops):
+        return x
+    pieces = runs(ops)
+    parts = []
+    for k, (start, stop, op) in enumerate(pieces):
+        part = x
+        if len(pieces) > 1:
+            name = f"{PREFIX}{side}_slice{k}"
+            part = F.slice_axis(x, axis=1, begin=start, end=stop, name=name)
+        if op is not None:
+            part = getattr(F, MXNET_OPS[op])(part, name=f"{PREFIX}{side}_{op}{k}")
+        parts.append(part)
+    if len(parts) == 1:
+        return parts[0]
+    return F.concat(*parts, dim=1, name=f"{PREFIX}{side}_concat")
 
 
 def _rename_input(checkpoint: Checkpoint, info: NetInfo) -> Checkpoint:
