@@ -8,8 +8,11 @@ or fold shows up in verification as a disagreement, not as two copies of one mis
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +206,61 @@ def numpy_runtime(
     is exact in float64) that float32 runtimes are measured against.
     """
     net = NumpyNet(symbol_file(directory, NET_PREFIX), params_file(directory, NET_PREFIX))
-    return lambda X: out_scaler.inverse_transform(
-        net(in_scaler.transform(np.asarray(X).astype(dtype, copy=False)))
-    )
+
+    def run(X: np.ndarray) -> np.ndarray:
+        with one_blas_thread():
+            X = in_scaler.transform(np.asarray(X).astype(dtype, copy=False))
+            return out_scaler.inverse_transform(net(X))
+
+    return run
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run NumPy's BLAS (OpenBLAS) on one thread inside the block, then restore it.
+
+    A reference chunk is tall and thin (rows x a layer's width): a second BLAS thread
+    saves little on it, and OpenBLAS's idle threads spin after each call, taking a core
+    from whatever runs beside the reference (measured on 2 cores: the reference ran 3x
+    slower in wall time). Results do not depend on the thread count. Without OpenBLAS,
+    or off Linux, this does nothing.
+    """
+    controls = _openblas_thread_controls()
+    before = [get() for get, _ in controls]
+    for _, set_threads in controls:
+        set_threads(1)
+    try:
+        yield
+    finally:
+        for (_, set_threads), n in zip(controls, before, strict=True):
+            set_threads(n)
+
+
+_OPENBLAS_SYMBOLS = [("openblas", ""), ("openblas", "64_"), ("scipy_openblas", "64_")]
+
+
+@functools.cache
+def _openblas_thread_controls() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
+    """(get, set) thread-count functions of each OpenBLAS loaded in this process, found
+    in /proc/self/maps (NumPy wheels bundle one; their symbols carry a prefix/suffix)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = sorted({line.split(None, 5)[-1].strip() for line in maps if "openblas" in line})
+    except OSError:
+        return ()
+    controls = []
+    for path in paths:
+        if "openblas" not in Path(path).name or not Path(path).is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in _OPENBLAS_SYMBOLS:
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                controls.append((get, put))
+                break
+    return tuple(controls)

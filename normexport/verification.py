@@ -310,14 +310,14 @@ class _Tally:
         for a, b in self.pairs_:
             if a in outputs and b in outputs:
                 n = min(len(outputs[a]), len(outputs[b]))
-                diff = _disagreement(outputs[a][:n], outputs[b][:n])
-                self.worst[(a, b)] = np.maximum(self.worst[(a, b)], diff.max(axis=0, initial=0.0))
+                worst = _worst_disagreement(outputs[a][:n], outputs[b][:n])
+                self.worst[(a, b)] = np.maximum(self.worst[(a, b)], worst)
                 self.rows[(a, b)] += n
         if self.probe in outputs and self.reference in outputs:
             assert self.probe and self.reference and self.probe_error is not None
             n = min(len(outputs[self.probe]), len(outputs[self.reference]))
-            diff = _disagreement(outputs[self.probe][:n], outputs[self.reference][:n])
-            self.probe_error = np.maximum(self.probe_error, diff.max(axis=0, initial=0.0))
+            worst = _worst_disagreement(outputs[self.probe][:n], outputs[self.reference][:n])
+            self.probe_error = np.maximum(self.probe_error, worst)
         if self.watched in outputs:
             values = outputs[self.watched]
             with np.errstate(invalid="ignore"):
@@ -353,11 +353,14 @@ def compare_stream(
 ) -> tuple[_Tally, dict[str, str], int]:
     """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
 
-    Every runtime is loaded at once and each chunk runs through all of them before the
-    next is read, so memory is bounded by a chunk (and the models), never by the rows.
+    Every runtime is loaded at once and each chunk runs through all of them while the
+    next one is read (:func:`~normexport.tables.read_ahead`), so memory is bounded by a
+    few chunks (and the models), never by the rows.
     Returns the tally, the skipped runtimes and the number of rows.
     """
     from tqdm.auto import tqdm
+
+    from normexport.tables import read_ahead
 
     loaded: dict[str, Runtime] = {}
     skipped: dict[str, str] = {}
@@ -374,8 +377,8 @@ def compare_stream(
         desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
         disable=not sys.stderr.isatty(),
     ) as bar:  # fmt: skip
-        for chunk in chunks:
-            chunk = chunk.astype(runs.dtype, copy=False)
+        # the next chunk is read, checked and converted while this one runs
+        for chunk in read_ahead(c.astype(runs.dtype, copy=False) for c in chunks):
             results = {}
             for name, run in list(loaded.items()):
                 rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in runs.sample_only else chunk
@@ -400,6 +403,21 @@ def _run_checked(name: str, run: Runtime, rows: np.ndarray, n_outputs: int) -> n
             f"{name} returned shape {out.shape}, expected {(rows.shape[0], n_outputs)}"
         )
     return out
+
+
+def _worst_disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per column, the largest :func:`_disagreement` of ``a`` and ``b``.
+
+    ``|a - b|`` alone gives it unless a difference is NaN (a NaN, or equal infinities):
+    only then are the exact rules applied, so the common case costs three passes.
+    """
+    with np.errstate(invalid="ignore"):
+        diff = np.subtract(a, b)
+        np.abs(diff, out=diff)
+    worst = diff.max(axis=0, initial=0.0)  # NaN where a difference is NaN
+    if np.isnan(worst).any():
+        worst = _disagreement(a, b).max(axis=0, initial=0.0)
+    return worst
 
 
 def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -692,11 +710,13 @@ class _InputWatch:
             return
         scale, shift = self.scaler.affine()
         with np.errstate(all="ignore"):
-            Xn = np.asarray(X, dtype=np.float64) * scale + shift
+            Xn = np.multiply(X, scale, dtype=np.float64)
+            Xn += shift
         self.rows += len(Xn)
-        self.far += np.sum((Xn < self.band[0]) | (Xn > self.band[1]), axis=0)
-        self.low = np.fmin(self.low, np.nanmin(Xn, axis=0))
-        self.high = np.fmax(self.high, np.nanmax(Xn, axis=0))
+        self.far += np.count_nonzero(Xn < self.band[0], axis=0)
+        self.far += np.count_nonzero(Xn > self.band[1], axis=0)
+        self.low = np.fmin(self.low, np.fmin.reduce(Xn, axis=0))  # NaN-ignoring min
+        self.high = np.fmax(self.high, np.fmax.reduce(Xn, axis=0))
 
     def watch(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         for chunk in chunks:
