@@ -116,52 +116,69 @@ def load_columns(path: PathLike, columns: Sequence[str], **kw: Any) -> np.ndarra
     return load_table(path, [columns], **kw)[0]
 
 
-def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """``items``, produced in a background thread up to ``depth`` items ahead.
+class ReadAhead(Iterator[T]):
+    """Iterate ``items`` as a background thread produces them, up to ``depth`` ahead.
 
-    pyarrow's readers and NumPy release the GIL, so reading (and checking, converting)
-    the next batch overlaps with whatever the consumer does with this one. At most
-    ``depth + 2`` items exist at once. An exception raised while producing is raised
-    here, in order; closing this generator stops the producer after its current item.
+    Producing starts at once. pyarrow's readers and NumPy release the GIL, so reading
+    (checking, converting) the next batch overlaps with whatever the consumer does with
+    this one; at most ``depth + 2`` items exist at a time. An exception raised while
+    producing is raised by ``next``, in order. ``close()`` (or leaving the ``with``
+    block) stops the producer after its current item.
     """
-    import queue
-    import threading
 
-    buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    def __init__(self, items: Iterable[T], depth: int = 1) -> None:
+        import queue
+        import threading
 
-    def put(entry: tuple[bool, Any]) -> bool:
-        while not stop.is_set():
+        self._buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._produce, args=(iter(items),), name="normexport-read-ahead", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        import queue
+
+        while not self._stop.is_set():
             with contextlib.suppress(queue.Full):
-                buffer.put(entry, timeout=0.05)
+                self._buffer.put(entry, timeout=0.05)
                 return True
         return False
 
-    def produce() -> None:
-        source = iter(items)
+    def _produce(self, source: Iterator[T]) -> None:
         try:
             for item in source:
-                if not put((False, item)):
+                if not self._put((False, item)):
                     return
-            put((True, None))
+            self._put((True, None))
         except BaseException as exc:  # handed to the consumer, raised there
-            put((True, exc))
+            self._put((True, exc))
         finally:
             getattr(source, "close", lambda: None)()
 
-    thread = threading.Thread(target=produce, name="normexport-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            last, item = buffer.get()
-            if last:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        last, item = self._buffer.get()
+        if last:
+            self.close()
+            if item is not None:
+                raise item
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _rebatch(
@@ -663,11 +680,11 @@ def _arrow(values: np.ndarray | pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chu
 __all__ = [
     "DEFAULT_BATCH_ROWS",
     "Batch",
+    "ReadAhead",
     "TableWriter",
     "iter_batches",
     "load_columns",
     "load_table",
-    "read_ahead",
     "read_header",
     "write_table",
 ]

@@ -306,19 +306,22 @@ class _Tally:
         self.low = np.full(n_outputs, np.inf)
         self.high = np.full(n_outputs, -np.inf)
 
-    def add(self, outputs: dict[str, np.ndarray]) -> None:
+    def add(self, outputs: dict[str, np.ndarray], only: str | None = None) -> None:
+        """Fold in one chunk's outputs; with ``only``, just the pairs that hold it."""
         for a, b in self.pairs_:
+            if only is not None and only not in (a, b):
+                continue
             if a in outputs and b in outputs:
                 n = min(len(outputs[a]), len(outputs[b]))
                 worst = _worst_disagreement(outputs[a][:n], outputs[b][:n])
                 self.worst[(a, b)] = np.maximum(self.worst[(a, b)], worst)
                 self.rows[(a, b)] += n
-        if self.probe in outputs and self.reference in outputs:
+        if only is None and self.probe in outputs and self.reference in outputs:
             assert self.probe and self.reference and self.probe_error is not None
             n = min(len(outputs[self.probe]), len(outputs[self.reference]))
             worst = _worst_disagreement(outputs[self.probe][:n], outputs[self.reference][:n])
             self.probe_error = np.maximum(self.probe_error, worst)
-        if self.watched in outputs:
+        if self.watched in outputs and only in (None, self.watched):
             values = outputs[self.watched]
             with np.errstate(invalid="ignore"):
                 self.low = np.fmin(self.low, np.nanmin(values, axis=0, initial=np.inf))
@@ -353,55 +356,127 @@ def compare_stream(
 ) -> tuple[_Tally, dict[str, str], int]:
     """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
 
-    Every runtime is loaded at once and each chunk runs through all of them while the
-    next one is read (:func:`~normexport.tables.read_ahead`), so memory is bounded by a
-    few chunks (and the models), never by the rows.
+    Three things overlap: a thread reads (checks, converts) the next chunk
+    (:class:`~normexport.tables.ReadAhead`) while each chunk runs through every runtime
+    in turn; ``sample_only`` runtimes load and run on their rows in a thread of their
+    own (:class:`_Sample`), so their start-up (onnx.reference's, mostly) is not waited
+    for. Memory is bounded by a few chunks (and the models), never by the rows.
     Returns the tally, the skipped runtimes and the number of rows.
     """
     from tqdm.auto import tqdm
 
-    from normexport.tables import read_ahead
+    from normexport.tables import ReadAhead
 
+    stream = ReadAhead(c.astype(runs.dtype, copy=False) for c in chunks)
     loaded: dict[str, Runtime] = {}
     skipped: dict[str, str] = {}
-    for name, make in runtimes.items():
-        try:
-            loaded[name] = make()
-        except (ImportError, NotImplementedError) as exc:
-            if name not in runs.optional:
-                raise
-            skipped[name] = first_line(exc)
-    tally = _Tally(list(loaded), runs.n_outputs, reference=runs.reference, probe=runs.probe)
-    seen = 0
-    with tqdm(
-        desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-    ) as bar:  # fmt: skip
-        # the next chunk is read, checked and converted while this one runs
-        for chunk in read_ahead(c.astype(runs.dtype, copy=False) for c in chunks):
-            results = {}
-            for name, run in list(loaded.items()):
-                rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in runs.sample_only else chunk
-                if len(rows):
+    with stream, _Sample(runtimes, runs) as sample:
+        for name, make in runtimes.items():
+            if name in runs.sample_only:
+                continue
+            try:
+                loaded[name] = make()
+            except (ImportError, NotImplementedError) as exc:
+                if name not in runs.optional:
+                    raise
+                skipped[name] = first_line(exc)
+        names = [n for n in runtimes if n in loaded or n in runs.sample_only]
+        tally = _Tally(names, runs.n_outputs, reference=runs.reference, probe=runs.probe)
+        seen = 0
+        with tqdm(
+            desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        ) as bar:  # fmt: skip
+            for chunk in stream:
+                results = {}
+                for name, run in list(loaded.items()):
                     try:
-                        results[name] = _run_checked(name, run, rows, runs.n_outputs)
+                        results[name] = _run_checked(name, run, chunk, runs.n_outputs)
                     except NotImplementedError as exc:
                         if name not in runs.optional:
                             raise
                         skipped[name] = first_line(exc)
                         del loaded[name]
-            tally.add(results)
-            seen += len(chunk)
-            bar.update(len(chunk))
+                tally.add(results)
+                sample.feed(chunk, results)
+                seen += len(chunk)
+                bar.update(len(chunk))
+        sample.fold_into(tally, skipped)
     return tally, skipped, seen
 
 
+class _Sample:
+    """The ``sample_only`` runtimes of :func:`compare_stream`, each loaded in a thread of
+    its own and run there on the first :data:`REFERENCE_ROWS` rows once they have come.
+
+    The other runtimes' outputs on those rows are kept (a few hundred rows), so that
+    :meth:`fold_into` compares them exactly as if the sample runtime had run in line.
+    """
+
+    def __init__(self, runtimes: dict[str, Callable[[], Runtime]], runs: Runs) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.runs = runs
+        self.rows: list[np.ndarray] = []
+        self.outputs: dict[str, list[np.ndarray]] = {}
+        self.have = 0
+        self.ready: Future[np.ndarray | None] = Future()
+        names = [n for n in runtimes if n in runs.sample_only]
+        self.pool = ThreadPoolExecutor(max(1, len(names)), thread_name_prefix="normexport-sample")
+        self.jobs = {name: self.pool.submit(self._run, runtimes[name]) for name in names}
+
+    def _run(self, make: Callable[[], Runtime]) -> np.ndarray | None:
+        run = make()
+        rows = self.ready.result()
+        return None if rows is None else run(rows)
+
+    def feed(self, chunk: np.ndarray, results: dict[str, np.ndarray]) -> None:
+        """Keep the head of a chunk and of the outputs on it, up to the sample's size."""
+        take = min(len(chunk), REFERENCE_ROWS - self.have)
+        if take <= 0 or not self.jobs:
+            return
+        self.rows.append(chunk[:take])
+        for name, out in results.items():
+            self.outputs.setdefault(name, []).append(out[:take])
+        self.have += take
+        if self.have == REFERENCE_ROWS:
+            self.ready.set_result(np.concatenate(self.rows))
+
+    def fold_into(self, tally: _Tally, skipped: dict[str, str]) -> None:
+        """Wait for each sample runtime; fold its pairs into ``tally`` or mark it skipped."""
+        if not self.ready.done():  # the stream ended before REFERENCE_ROWS rows
+            self.ready.set_result(np.concatenate(self.rows) if self.rows else None)
+        for name, job in self.jobs.items():
+            try:
+                out = job.result()
+            except (ImportError, NotImplementedError) as exc:
+                if name not in self.runs.optional:
+                    raise
+                skipped[name] = first_line(exc)
+                continue
+            if out is None:
+                continue
+            out = _checked(name, out, self.have, self.runs.n_outputs)
+            others = {k: np.concatenate(v) for k, v in self.outputs.items() if k not in skipped}
+            tally.add({**others, name: out}, only=name)
+
+    def __enter__(self) -> _Sample:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.ready.done():  # an error ended the stream: let the jobs finish
+            self.ready.set_result(None)
+        self.pool.shutdown(wait=True)
+
+
 def _run_checked(name: str, run: Runtime, rows: np.ndarray, n_outputs: int) -> np.ndarray:
-    out = np.asarray(run(rows), dtype=np.float64)
-    if out.shape != (rows.shape[0], n_outputs):
-        raise NormexportError(
-            f"{name} returned shape {out.shape}, expected {(rows.shape[0], n_outputs)}"
-        )
+    return _checked(name, run(rows), rows.shape[0], n_outputs)
+
+
+def _checked(name: str, out: Any, rows: int, n_outputs: int) -> np.ndarray:
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape != (rows, n_outputs):
+        raise NormexportError(f"{name} returned shape {out.shape}, expected {(rows, n_outputs)}")
     return out
 
 
@@ -501,29 +576,40 @@ def verify_directory(
         if rows is not None and data is None and rows < source.shape[0]:
             pick = np.random.default_rng(seed).choice(source.shape[0], rows, replace=False)
             source = source[np.sort(pick)]
-    runtimes: dict[str, Callable[[], Runtime]] = {
-        "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
-        "mxnet": lambda: _mxnet_runtime(directory, dtype),
-        "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),  # float64
-        "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
-    }
     float32 = dtype == "float32"
-    if float32:  # the float64 evaluation is the yardstick; a float32 one shows the rounding
-        runtimes[PROBE] = lambda: numpy_runtime(directory, in_scaler, out_scaler, "float32")
     return check_rows(
-        runtimes,
+        directory_runtimes(directory, in_scaler, out_scaler, dtype),
         source,
         in_scaler,
         out_scaler,
         dtype=dtype,
         rtol=rtol,
-        sample_only=frozenset({"onnx.reference"}),
+        sample_only=SAMPLE_ONLY,
         optional=frozenset({"mxnet", "numpy", "onnx.reference", PROBE}),
         reference="numpy" if float32 else None,
         probe=PROBE if float32 else None,
         chunk_rows=chunk_rows,
         collect=_model_bytes(onnx_path) > COLLECT_BYTES,
     )
+
+
+SAMPLE_ONLY = frozenset({"onnx.reference"})  # runtimes that see the first REFERENCE_ROWS rows
+
+
+def directory_runtimes(
+    directory: Path, in_scaler: AffineScaler, out_scaler: AffineScaler, dtype: str
+) -> dict[str, Callable[[], Runtime]]:
+    """The runtimes :func:`verify_directory` runs on a model directory, as factories."""
+    onnx_path = directory / ONNX_FILE
+    runtimes: dict[str, Callable[[], Runtime]] = {
+        "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
+        "mxnet": lambda: _mxnet_runtime(directory, dtype),
+        "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),  # float64
+        "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
+    }
+    if dtype == "float32":  # float64 is the yardstick; a float32 evaluation shows the rounding
+        runtimes[PROBE] = lambda: numpy_runtime(directory, in_scaler, out_scaler, "float32")
+    return runtimes
 
 
 COLLECT_BYTES = 16 * 1024 * 1024  # verify_directory releases larger models between runtimes
