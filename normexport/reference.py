@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,36 +223,61 @@ def one_blas_thread() -> Iterator[None]:
     A reference chunk is tall and thin (rows x a layer's width): a second BLAS thread
     saves little on it, and OpenBLAS's idle threads spin after each call, taking a core
     from whatever runs beside the reference (measured on 2 cores: the reference ran 3x
-    slower in wall time). Results do not depend on the thread count. Without OpenBLAS,
-    or off Linux, this does nothing.
+    slower in wall time). Results do not depend on the thread count. Blocks may overlap
+    across threads: the count is restored when the last one ends. Without OpenBLAS, or
+    off Linux, this does nothing.
     """
-    controls = _openblas_thread_controls()
-    before = [get() for get, _ in controls]
-    for _, set_threads in controls:
-        set_threads(1)
+    _ONE_BLAS_THREAD.enter()
     try:
         yield
     finally:
-        for (_, set_threads), n in zip(controls, before, strict=True):
-            set_threads(n)
+        _ONE_BLAS_THREAD.exit()
 
 
+class _OneBlasThread:
+    """Counts open :func:`one_blas_thread` blocks: the first saves and sets, the last restores."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+        self.before: list[int] = []
+
+    def enter(self) -> None:
+        with self.lock:
+            if not self.open:
+                controls = _openblas_thread_controls()
+                self.before = [get() for get, _ in controls]
+                for _, set_threads in controls:
+                    set_threads(1)
+            self.open += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.open -= 1
+            if not self.open:
+                controls = _openblas_thread_controls()
+                for (_, set_threads), n in zip(controls, self.before, strict=True):
+                    set_threads(n)
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
 _OPENBLAS_SYMBOLS = [("openblas", ""), ("openblas", "64_"), ("scipy_openblas", "64_")]
 
 
 @functools.cache
 def _openblas_thread_controls() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
-    """(get, set) thread-count functions of each OpenBLAS loaded in this process, found
-    in /proc/self/maps (NumPy wheels bundle one; their symbols carry a prefix/suffix)."""
+    """(get, set) thread-count functions of NumPy's OpenBLAS, from the libraries loaded
+    in this process (/proc/self/maps): those a NumPy wheel bundles (``numpy.libs``), else
+    every OpenBLAS (a NumPy built against a shared one). Their symbols vary by build."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = sorted({line.split(None, 5)[-1].strip() for line in maps if "openblas" in line})
     except OSError:
         return ()
+    paths = [p for p in paths if "openblas" in Path(p).name and Path(p).is_file()]
+    bundled = [p for p in paths if Path(p).parent.name == "numpy.libs"]
     controls = []
-    for path in paths:
-        if "openblas" not in Path(path).name or not Path(path).is_file():
-            continue
+    for path in bundled or paths:
         try:
             lib = ctypes.CDLL(path)
         except OSError:

@@ -214,6 +214,9 @@ class Runs:
     # run the garbage collector after each runtime of compare(), so that a large model's
     # runtime is gone before the next loads (about 50 ms a time in a busy process)
     collect: bool = True
+    # runtimes that compare_stream may run side by side in worker threads (they release
+    # the GIL while they compute); MXNet stays on the calling thread
+    threaded: frozenset[str] = frozenset({"onnxruntime", "numpy", PROBE})
 
 
 def compare(
@@ -356,13 +359,16 @@ def compare_stream(
 ) -> tuple[_Tally, dict[str, str], int]:
     """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
 
-    Three things overlap: a thread reads (checks, converts) the next chunk
-    (:class:`~normexport.tables.ReadAhead`) while each chunk runs through every runtime
-    in turn; ``sample_only`` runtimes load and run on their rows in a thread of their
-    own (:class:`_Sample`), so their start-up (onnx.reference's, mostly) is not waited
-    for. Memory is bounded by a few chunks (and the models), never by the rows.
-    Returns the tally, the skipped runtimes and the number of rows.
+    Work overlaps: a thread reads (checks, converts) the next chunk
+    (:class:`~normexport.tables.ReadAhead`) while this one runs through every runtime,
+    the ``threaded`` ones side by side in worker threads; ``sample_only`` runtimes load
+    and run on their rows in a thread of their own (:class:`_Sample`), so their start-up
+    (onnx.reference's, mostly) is not waited for. Results are as if run in turn. Memory
+    is bounded by a few chunks (and the models), never by the rows. Returns the tally,
+    the skipped runtimes and the number of rows.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from normexport.tables import ReadAhead
@@ -383,15 +389,26 @@ def compare_stream(
         names = [n for n in runtimes if n in loaded or n in runs.sample_only]
         tally = _Tally(names, runs.n_outputs, reference=runs.reference, probe=runs.probe)
         seen = 0
-        with tqdm(
+        side = [name for name in loaded if name in runs.threaded]
+        workers = max(1, min(len(side), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers, thread_name_prefix="normexport-runtime") as pool, tqdm(
             desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
             disable=not sys.stderr.isatty(),
         ) as bar:  # fmt: skip
             for chunk in stream:
+                jobs = {
+                    name: pool.submit(_run_checked, name, loaded[name], chunk, runs.n_outputs)
+                    for name in side
+                    if name in loaded
+                }
                 results = {}
                 for name, run in list(loaded.items()):
                     try:
-                        results[name] = _run_checked(name, run, chunk, runs.n_outputs)
+                        results[name] = (
+                            jobs[name].result()
+                            if name in jobs
+                            else _run_checked(name, run, chunk, runs.n_outputs)
+                        )
                     except NotImplementedError as exc:
                         if name not in runs.optional:
                             raise
