@@ -487,3 +487,37 @@ def test_dataset_files_may_differ_in_numeric_type_but_not_in_columns(tmp_path):
     assert "p2.parquet: column 'b' holds string values" in message(
         tables.load_columns, directory, ["b"]
     )
+
+
+def test_read_ahead_keeps_order_raises_in_order_and_stays_bounded():
+    import time
+
+    produced, closed = [], []
+
+    def items(n, fail_at=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise DataError(f"t.csv:{i + 2}: bad")
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    assert list(tables.ReadAhead(items(50), depth=2)) == list(range(50))
+    produced.clear()
+    got = []
+    with pytest.raises(DataError, match="t.csv:9: bad"):
+        for i in tables.ReadAhead(items(50, fail_at=7)):
+            got.append(i)
+    assert got == list(range(7))
+    produced.clear()
+    closed.clear()
+    stream = tables.ReadAhead(items(1000), depth=2)
+    assert [next(stream) for _ in range(5)] == list(range(5))
+    time.sleep(0.2)  # give the producer time to run ahead, were it unbounded
+    assert len(produced) <= 5 + 2 + 1  # consumed + queued + the one waiting to be queued
+    stream.close()
+    assert closed == [True] and len(produced) <= 8
+    with pytest.raises(StopIteration):
+        next(stream)
