@@ -362,13 +362,13 @@ def compare_stream(
 
     Work overlaps: a thread reads (checks, converts) the next chunk
     (:class:`~normexport.tables.ReadAhead`) while this one runs through every runtime,
-    the ``threaded`` ones side by side in worker threads; ``sample_only`` runtimes load
-    and run on their rows in a thread of their own (:class:`_Sample`), so their start-up
-    (onnx.reference's, mostly) is not waited for. Results are as if run in turn. Memory
-    is bounded by a few chunks (and the models), never by the rows. Returns the tally,
-    the skipped runtimes and the number of rows.
+    the ``threaded`` ones side by side in worker threads (two chunks in flight); the
+    ``sample_only`` runtimes load and run on their rows in a thread of their own
+    (:class:`_Sample`), so their start-up (onnx.reference's, mostly) is not waited for.
+    Results are as if run in turn. Memory is bounded by a few chunks (and the models),
+    never by the rows. Returns the tally, the skipped runtimes and the number of rows.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -392,16 +392,15 @@ def compare_stream(
         seen = 0
         side = [name for name in loaded if name in runs.threaded]
         workers = max(1, min(len(side), os.cpu_count() or 1))
+
         with ThreadPoolExecutor(workers, thread_name_prefix="normexport-runtime") as pool, tqdm(
             desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
             disable=not sys.stderr.isatty(),
         ) as bar:  # fmt: skip
-            for chunk in stream:
-                jobs = {
-                    name: pool.submit(_run_checked, name, loaded[name], chunk, runs.n_outputs)
-                    for name in side
-                    if name in loaded
-                }
+
+            def fold(chunk: np.ndarray, jobs: dict[str, Future[np.ndarray]]) -> None:
+                """Collect a chunk's outputs (running those that stay on this thread)."""
+                nonlocal seen
                 results = {}
                 for name, run in list(loaded.items()):
                     try:
@@ -419,6 +418,20 @@ def compare_stream(
                 sample.feed(chunk, results)
                 seen += len(chunk)
                 bar.update(len(chunk))
+
+            # two chunks in flight: the workers start on the next while this one is folded
+            flight: list[tuple[np.ndarray, dict[str, Future[np.ndarray]]]] = []
+            for chunk in stream:
+                jobs = {
+                    name: pool.submit(_run_checked, name, loaded[name], chunk, runs.n_outputs)
+                    for name in side
+                    if name in loaded
+                }
+                flight.append((chunk, jobs))
+                if len(flight) == 2:
+                    fold(*flight.pop(0))
+            for pending in flight:
+                fold(*pending)
         sample.fold_into(tally, skipped)
     return tally, skipped, seen
 
