@@ -27,8 +27,10 @@ import csv
 import io
 import math
 import os
+import queue
 import stat
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +129,6 @@ class ReadAhead(Iterator[T]):
     """
 
     def __init__(self, items: Iterable[T], depth: int = 1) -> None:
-        import queue
-        import threading
-
         self._buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
@@ -139,8 +138,6 @@ class ReadAhead(Iterator[T]):
         self._thread.start()
 
     def _put(self, entry: tuple[bool, Any]) -> bool:
-        import queue
-
         while not self._stop.is_set():
             with contextlib.suppress(queue.Full):
                 self._buffer.put(entry, timeout=0.05)

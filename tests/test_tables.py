@@ -521,3 +521,15 @@ def test_read_ahead_keeps_order_raises_in_order_and_stays_bounded():
     assert closed == [True] and len(produced) <= 8
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_float64_columns_become_numpy_without_copies_nulls_as_nan():
+    array = pa.array([1.5, None, 3.0, 4.0, None, 6.0])
+    np.testing.assert_array_equal(tables._float64_view(array), [1.5, np.nan, 3, 4, np.nan, 6])
+    np.testing.assert_array_equal(tables._float64_view(array.slice(2, 3)), [3, 4, np.nan])
+    dense = pa.array(np.arange(10.0)).slice(3, 4)
+    view = tables._float64_view(dense)
+    np.testing.assert_array_equal(view, [3, 4, 5, 6])
+    assert not view.flags.owndata  # a view of pyarrow's buffer
+    np.testing.assert_array_equal(tables._float64_view(pa.array([1, 2], pa.int32())), [1.0, 2.0])
+    assert tables._float64_view(pa.array([], pa.float64())).shape == (0,)
