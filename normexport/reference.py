@@ -207,25 +207,23 @@ def numpy_runtime(
     is exact in float64) that float32 runtimes are measured against.
     """
     net = NumpyNet(symbol_file(directory, NET_PREFIX), params_file(directory, NET_PREFIX))
-
-    def run(X: np.ndarray) -> np.ndarray:
-        with one_blas_thread():
-            X = in_scaler.transform(np.asarray(X).astype(dtype, copy=False))
-            return out_scaler.inverse_transform(net(X))
-
-    return run
+    return lambda X: out_scaler.inverse_transform(
+        net(in_scaler.transform(np.asarray(X).astype(dtype, copy=False)))
+    )
 
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run NumPy's BLAS (OpenBLAS) on one thread inside the block, then restore it.
 
-    A reference chunk is tall and thin (rows x a layer's width): a second BLAS thread
-    saves little on it, and OpenBLAS's idle threads spin after each call, taking a core
-    from whatever runs beside the reference (measured on 2 cores: the reference ran 3x
-    slower in wall time). Results do not depend on the thread count. Blocks may overlap
-    across threads: the count is restored when the last one ends. Without OpenBLAS, or
-    off Linux, this does nothing.
+    For work that runs beside other threads (streamed verification runs the NumPy
+    evaluations side by side with onnxruntime and a table reader): OpenBLAS's idle
+    threads spin after each call, taking a core from the others, and on the reference's
+    tall, thin chunks (rows x a layer's width) a second BLAS thread saves little
+    (measured on 2 busy cores: the reference took 0.8-1.2 s with two threads, 0.33 s with
+    one). Results do not depend on the thread count. Blocks may overlap across threads:
+    the count is restored when the last one ends. Without OpenBLAS, or off Linux, this
+    does nothing.
     """
     _ONE_BLAS_THREAD.enter()
     try:

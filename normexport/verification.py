@@ -30,7 +30,7 @@ import numpy as np
 from normexport import files
 from normexport.errors import DataError, NormexportError, first_line
 from normexport.modeldir import NET_PREFIX, ONNX_FILE, SCALERS_FILE, symbol_file
-from normexport.reference import numpy_runtime
+from normexport.reference import numpy_runtime, one_blas_thread
 from normexport.runtimes import Runtime, onnx_reference_runtime, onnxruntime_runtime
 from normexport.scaling import AffineScaler, MinMaxScaler, StandardScaler, scalers_from_dict
 
@@ -362,7 +362,8 @@ def compare_stream(
 
     Work overlaps: a thread reads (checks, converts) the next chunk
     (:class:`~normexport.tables.ReadAhead`) while this one runs through every runtime,
-    the ``threaded`` ones side by side in worker threads (two chunks in flight); the
+    the ``threaded`` ones side by side in worker threads (two chunks in flight, NumPy's
+    BLAS on one thread: :func:`~normexport.reference.one_blas_thread`); the
     ``sample_only`` runtimes load and run on their rows in a thread of their own
     (:class:`_Sample`), so their start-up (onnx.reference's, mostly) is not waited for.
     Results are as if run in turn. Memory is bounded by a few chunks (and the models),
@@ -377,7 +378,7 @@ def compare_stream(
     stream = ReadAhead(c.astype(runs.dtype, copy=False) for c in chunks)
     loaded: dict[str, Runtime] = {}
     skipped: dict[str, str] = {}
-    with stream, _Sample(runtimes, runs) as sample:
+    with stream, _Sample(runtimes, runs) as sample, one_blas_thread():
         for name, make in runtimes.items():
             if name in runs.sample_only:
                 continue

@@ -223,13 +223,15 @@ def bench_verify_compute(csv: Path, rows: int, repeat: int, log: Any) -> dict[st
     process; each runtime that verification runs (``directory_runtimes``: onnxruntime,
     the float64 NumPy reference, its float32 probe for a float32 model, MXNet where
     installed, onnx.reference on its sample) timed alone in this process on the same rows
-    (edge rows + data), in verification's chunks, already in the model's dtype; loading a
-    runtime is not compute. Best of ``repeat`` each. What the ratio leaves over is broken
-    down by two more measurements: reading the table alone (this process) and
-    ``verify`` on a 100-row file (start-up, imports, loading every runtime, fresh process).
+    (edge rows + data), in verification's chunks, already in the model's dtype, NumPy's
+    BLAS on one thread as in ``verify --data``; loading a runtime is not compute. Best of
+    ``repeat`` each. What the ratio leaves over is broken down by two more measurements:
+    reading the table alone (this process) and ``verify`` on a 100-row file (start-up,
+    imports, loading every runtime, fresh process).
     """
     from normexport import tables, verification
     from normexport.modeldir import load_scalers
+    from normexport.reference import one_blas_thread
 
     log("verify-data: verify --data end to end ...")
     wall = measure(normexport("verify", str(MODEL_DIR), "--data", str(csv)), repeat)["seconds"]
@@ -267,7 +269,8 @@ def bench_verify_compute(csv: Path, rows: int, repeat: int, log: Any) -> dict[st
             else chunks
         )
         log(f"verify-data: {name} alone ...")
-        compute[name] = best_of(lambda run=run, part=part: [run(c) for c in part])
+        with one_blas_thread():  # as verify --data runs them
+            compute[name] = best_of(lambda run=run, part=part: [run(c) for c in part])
         del run
     total = sum(compute.values())
     return {

@@ -272,7 +272,7 @@ def test_the_fast_worst_disagreement_is_the_exact_one():
         np.testing.assert_array_equal(verification._worst_disagreement(x, y), exact)
 
 
-def test_the_numpy_reference_runs_blas_on_one_thread_and_restores_it():
+def test_streamed_verification_runs_numpy_blas_on_one_thread_and_restores_it():
     import threading
 
     from normexport import reference
@@ -282,7 +282,26 @@ def test_the_numpy_reference_runs_blas_on_one_thread_and_restores_it():
         pytest.skip("no OpenBLAS found in this process (not Linux, or NumPy without OpenBLAS)")
     before = [get() for get, _ in controls]
     seen = []
+
+    def runtime(X):  # on a worker thread ("numpy") or the calling thread ("other")
+        seen.append([get() for get, _ in controls])
+        return np.zeros((len(X), 2))
+
+    in_sc, out_sc, _ = load_scalers(MODEL / "scalers.json")
+    rows = verification.random_rows(in_sc, 300)
+    report = verification.check_rows(
+        {"numpy": lambda: runtime, "other": lambda: runtime},
+        (rows[i : i + 100] for i in range(0, 300, 100)),
+        in_sc,
+        out_sc,
+        dtype="float64",
+    )
+    assert report.ok and report.data_rows == 300
+    assert seen == [[1] * len(controls)] * 8  # the edge rows and three chunks, twice
+    assert [get() for get, _ in controls] == before
+    # blocks overlapping in several threads: the last one to end restores the count
     start = threading.Barrier(4)
+    seen.clear()
 
     def block():
         start.wait()
