@@ -237,19 +237,11 @@ def compare(
     """
     import gc
 
-    from tqdm.auto import tqdm
-
     results: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     X = X.astype(runs.dtype)
     total = sum(min(len(X), REFERENCE_ROWS) if n in runs.sample_only else len(X) for n in runtimes)
-    with tqdm(
-        total=total,
-        desc="verifying",
-        unit="row",
-        file=sys.stderr,
-        disable=not sys.stderr.isatty() or X.shape[0] <= chunk_rows,
-    ) as bar:
+    with _progress(X.shape[0] > chunk_rows, total=total, desc="verifying", unit="row") as bar:
         for name, make in runtimes.items():
             rows = X[:REFERENCE_ROWS] if name in runs.sample_only else X
             try:
@@ -371,8 +363,6 @@ def compare_stream(
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
-
     from normexport.tables import ReadAhead
 
     stream = ReadAhead(c.astype(runs.dtype, copy=False) for c in chunks)
@@ -394,10 +384,10 @@ def compare_stream(
         side = [name for name in loaded if name in runs.threaded]
         workers = max(1, min(len(side), os.cpu_count() or 1))
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="normexport-runtime") as pool, tqdm(
-            desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
-            disable=not sys.stderr.isatty(),
-        ) as bar:  # fmt: skip
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="normexport-runtime") as pool,
+            _progress(True, desc="verifying", unit=" rows", unit_scale=True) as bar,
+        ):
 
             def fold(chunk: np.ndarray, jobs: dict[str, Future[np.ndarray]]) -> None:
                 """Collect a chunk's outputs (running those that stay on this thread)."""
@@ -499,6 +489,29 @@ class _Sample:
         if not self.ready.done():  # an error ended the stream: let the jobs finish
             self.ready.set_result(None)
         self.pool.shutdown(wait=True)
+
+
+def _progress(wanted: bool, **options: Any) -> Any:
+    """tqdm's progress bar on stderr when ``wanted`` and stderr is a terminal; otherwise
+    a stand-in, and tqdm is not imported (about 60 ms of a run's start-up)."""
+    if not (wanted and sys.stderr.isatty()):
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(file=sys.stderr, **options)
+
+
+class _NoProgress:
+    """A hidden progress bar."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
 
 
 def _run_checked(name: str, run: Runtime, rows: np.ndarray, n_outputs: int) -> np.ndarray:

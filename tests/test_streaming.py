@@ -315,3 +315,21 @@ def test_streamed_verification_runs_numpy_blas_on_one_thread_and_restores_it():
         t.join()
     assert seen == [[1] * len(controls)] * 4
     assert [get() for get, _ in controls] == before
+
+
+def test_verify_data_shows_rows_per_second_on_a_terminal_only(table, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    root, _ = table
+    verification.verify_directory(MODEL, data=root / "t.csv", chunk_rows=256)
+    assert capsys.readouterr().err == ""  # not a terminal: no bar
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    verification.verify_directory(MODEL, data=root / "t.csv", chunk_rows=256)
+    shown = terminal.getvalue()
+    assert "verifying" in shown and "rows/s" in shown and "1.02k" in shown, shown
