@@ -8,8 +8,12 @@ or fold shows up in verification as a disagreement, not as two copies of one mis
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +231,82 @@ def numpy_runtime(
     return lambda X: out_scaler.inverse_transform(
         net(in_scaler.transform(np.asarray(X).astype(dtype, copy=False))), check_finite=False
     )
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run NumPy's BLAS (OpenBLAS) on one thread inside the block, then restore it.
+
+    For work that runs beside other threads (streamed verification runs the NumPy
+    evaluations side by side with onnxruntime and a table reader): OpenBLAS's idle
+    threads spin after each call, taking a core from the others, and on the reference's
+    tall, thin chunks (rows x a layer's width) a second BLAS thread saves little
+    (measured on 2 busy cores: the reference took 0.8-1.2 s with two threads, 0.33 s with
+    one). Results do not depend on the thread count. Blocks may overlap across threads:
+    the count is restored when the last one ends. Without OpenBLAS, or off Linux, this
+    does nothing. (threadpoolctl lets only one thread at a time set OpenBLAS's count and
+    restore it; blocks that overlap across threads then leave it changed.)
+    """
+    _ONE_BLAS_THREAD.enter()
+    try:
+        yield
+    finally:
+        _ONE_BLAS_THREAD.exit()
+
+
+class _OneBlasThread:
+    """Counts open :func:`one_blas_thread` blocks: the first saves and sets, the last restores."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+        self.before: list[int] = []
+
+    def enter(self) -> None:
+        with self.lock:
+            if not self.open:
+                controls = _openblas_thread_controls()
+                self.before = [get() for get, _ in controls]
+                for _, set_threads in controls:
+                    set_threads(1)
+            self.open += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.open -= 1
+            if not self.open:
+                controls = _openblas_thread_controls()
+                for (_, set_threads), n in zip(controls, self.before, strict=True):
+                    set_threads(n)
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+_OPENBLAS_SYMBOLS = [("openblas", ""), ("openblas", "64_"), ("scipy_openblas", "64_")]
+
+
+@functools.cache
+def _openblas_thread_controls() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
+    """(get, set) thread-count functions of NumPy's OpenBLAS, from the libraries loaded
+    in this process (/proc/self/maps): those a NumPy wheel bundles (``numpy.libs``), else
+    every OpenBLAS (a NumPy built against a shared one). Their symbols vary by build."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = sorted({line.split(None, 5)[-1].strip() for line in maps if "openblas" in line})
+    except OSError:
+        return ()
+    paths = [p for p in paths if "openblas" in Path(p).name and Path(p).is_file()]
+    bundled = [p for p in paths if Path(p).parent.name == "numpy.libs"]
+    controls = []
+    for path in bundled or paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in _OPENBLAS_SYMBOLS:
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                controls.append((get, put))
+                break
+    return tuple(controls)

@@ -18,6 +18,9 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: failures are exceptions, each one line
+    # idle pool threads would spin after each run, taking a core from the table reader and
+    # the other runtimes that verification runs between two calls
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for bad files

@@ -30,7 +30,7 @@ import numpy as np
 from normexport import files, transforms
 from normexport.errors import DataError, NormexportError, first_line
 from normexport.modeldir import NET_PREFIX, ONNX_FILE, SCALERS_FILE, symbol_file
-from normexport.reference import numpy_runtime
+from normexport.reference import numpy_runtime, one_blas_thread
 from normexport.runtimes import Runtime, onnx_reference_runtime, onnxruntime_runtime
 from normexport.scaling import AffineScaler, StandardScaler, scalers_from_dict
 
@@ -248,6 +248,9 @@ class Runs:
     # run the garbage collector after each runtime of compare(), so that a large model's
     # runtime is gone before the next loads (about 50 ms a time in a busy process)
     collect: bool = True
+    # runtimes that compare_stream may run side by side in worker threads (they release
+    # the GIL while they compute); MXNet stays on the calling thread
+    threaded: frozenset[str] = frozenset({"onnxruntime", "numpy", PROBE})
 
 
 def compare(
@@ -268,19 +271,11 @@ def compare(
     """
     import gc
 
-    from tqdm.auto import tqdm
-
     results: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     X = X.astype(runs.dtype)
     total = sum(min(len(X), REFERENCE_ROWS) if n in runs.sample_only else len(X) for n in runtimes)
-    with tqdm(
-        total=total,
-        desc="verifying",
-        unit="row",
-        file=sys.stderr,
-        disable=not sys.stderr.isatty() or X.shape[0] <= chunk_rows,
-    ) as bar:
+    with _progress(X.shape[0] > chunk_rows, total=total, desc="verifying", unit="row") as bar:
         for name, make in runtimes.items():
             rows = X[:REFERENCE_ROWS] if name in runs.sample_only else X
             try:
@@ -345,23 +340,33 @@ class _Tally:
         self.non_finite: dict[str, dict[str, Any]] = {}
         self.seen = 0  # rows of the watched runtime so far
 
-    def add(self, outputs: dict[str, np.ndarray], rows: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        outputs: dict[str, np.ndarray],
+        rows: np.ndarray | None = None,
+        only: str | None = None,
+    ) -> None:
+        """Fold in one chunk's outputs (and its input ``rows``, for the non-finite
+        count); with ``only``, just the pairs that hold it."""
         for a, b in self.pairs_:
+            if only is not None and only not in (a, b):
+                continue
             if a in outputs and b in outputs:
                 n = min(len(outputs[a]), len(outputs[b]))
-                diff = _disagreement(outputs[a][:n], outputs[b][:n])
-                self.worst[(a, b)] = np.maximum(self.worst[(a, b)], diff.max(axis=0, initial=0.0))
+                worst = _worst_disagreement(outputs[a][:n], outputs[b][:n])
+                self.worst[(a, b)] = np.maximum(self.worst[(a, b)], worst)
                 self.rows[(a, b)] += n
-        if self.probe in outputs and self.reference in outputs:
+        if only is None and self.probe in outputs and self.reference in outputs:
             assert self.probe and self.reference and self.probe_error is not None
             n = min(len(outputs[self.probe]), len(outputs[self.reference]))
-            diff = _disagreement(outputs[self.probe][:n], outputs[self.reference][:n])
-            self.probe_error = np.maximum(self.probe_error, diff.max(axis=0, initial=0.0))
-        if self.watched in outputs:
+            worst = _worst_disagreement(outputs[self.probe][:n], outputs[self.reference][:n])
+            self.probe_error = np.maximum(self.probe_error, worst)
+        if self.watched in outputs and only in (None, self.watched):
             values = outputs[self.watched]
             with np.errstate(invalid="ignore"):
-                self.low = np.fmin(self.low, np.nanmin(values, axis=0, initial=np.inf))
-                self.high = np.fmax(self.high, np.nanmax(values, axis=0, initial=-np.inf))
+                values = np.asfortranarray(values)  # see _worst_disagreement
+                self.low = np.fmin(self.low, np.fmin.reduce(values, axis=0, initial=np.inf))
+                self.high = np.fmax(self.high, np.fmax.reduce(values, axis=0, initial=-np.inf))
             if rows is not None:
                 self._count_non_finite(values, rows[: len(values)])
             self.seen += len(values)
@@ -372,11 +377,10 @@ class _Tally:
         bad = ~np.isfinite(values).all(axis=1) & np.isfinite(rows).all(axis=1)
         if not bad.any():
             return
-        if self.box is None:
-            inside = np.zeros(len(rows), dtype=bool)
-        else:
+        inside = np.zeros(len(rows), dtype=bool)
+        if self.box is not None:
             low, high = self.box
-            inside = ((rows >= low) & (rows <= high)).all(axis=1)
+            inside[:] = ((rows >= low) & (rows <= high)).all(axis=1)
         for where, mask in (("inside", bad & inside), ("outside", bad & ~inside)):
             if mask.any():
                 found = self.non_finite.setdefault(where, {"rows": 0})
@@ -414,54 +418,195 @@ def compare_stream(
 ) -> tuple[_Tally, dict[str, str], int]:
     """:func:`compare` for rows that arrive in chunks (a table read batch by batch).
 
-    Every runtime is loaded at once and each chunk runs through all of them before the
-    next is read, so memory is bounded by a chunk (and the models), never by the rows.
-    Returns the tally, the skipped runtimes and the number of rows.
+    Work overlaps: a thread reads (checks, converts) the next chunk
+    (:class:`~normexport.tables.ReadAhead`) while this one runs through every runtime,
+    the ``threaded`` ones side by side in worker threads (two chunks in flight, NumPy's
+    BLAS on one thread: :func:`~normexport.reference.one_blas_thread`); the
+    ``sample_only`` runtimes load and run on their rows in a thread of their own
+    (:class:`_Sample`), so their start-up (onnx.reference's, mostly) is not waited for.
+    Results are as if run in turn. Memory is bounded by a few chunks (and the models),
+    never by the rows. Returns the tally, the skipped runtimes and the number of rows.
     """
-    from tqdm.auto import tqdm
+    from concurrent.futures import Future, ThreadPoolExecutor
 
+    from normexport.tables import ReadAhead
+
+    stream = ReadAhead(c.astype(runs.dtype, copy=False) for c in chunks)
     loaded: dict[str, Runtime] = {}
     skipped: dict[str, str] = {}
-    for name, make in runtimes.items():
-        try:
-            loaded[name] = make()
-        except (ImportError, NotImplementedError) as exc:
-            if name not in runs.optional:
-                raise
-            skipped[name] = first_line(exc)
-    tally = _Tally(list(loaded), runs.n_outputs, reference=runs.reference, probe=runs.probe)
-    tally.box = runs.box
-    seen = 0
-    with tqdm(
-        desc="verifying", unit=" rows", unit_scale=True, file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-    ) as bar:  # fmt: skip
-        for chunk in chunks:
-            chunk = chunk.astype(runs.dtype, copy=False)
-            results = {}
-            for name, run in list(loaded.items()):
-                rows = chunk[: max(0, REFERENCE_ROWS - seen)] if name in runs.sample_only else chunk
-                if len(rows):
+    with stream, _Sample(runtimes, runs) as sample, one_blas_thread():
+        for name, make in runtimes.items():
+            if name in runs.sample_only:
+                continue
+            try:
+                loaded[name] = make()
+            except (ImportError, NotImplementedError) as exc:
+                if name not in runs.optional:
+                    raise
+                skipped[name] = first_line(exc)
+        names = [n for n in runtimes if n in loaded or n in runs.sample_only]
+        tally = _Tally(names, runs.n_outputs, reference=runs.reference, probe=runs.probe)
+        tally.box = runs.box
+        seen = 0
+        side = [name for name in loaded if name in runs.threaded]
+        workers = max(1, min(len(side), os.cpu_count() or 1))
+
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="normexport-runtime") as pool,
+            _progress(True, desc="verifying", unit=" rows", unit_scale=True) as bar,
+        ):
+
+            def fold(chunk: np.ndarray, jobs: dict[str, Future[np.ndarray]]) -> None:
+                """Collect a chunk's outputs (running those that stay on this thread)."""
+                nonlocal seen
+                results = {}
+                for name, run in list(loaded.items()):
                     try:
-                        results[name] = _run_checked(name, run, rows, runs.n_outputs)
+                        results[name] = (
+                            jobs[name].result()
+                            if name in jobs
+                            else _run_checked(name, run, chunk, runs.n_outputs)
+                        )
                     except NotImplementedError as exc:
                         if name not in runs.optional:
                             raise
                         skipped[name] = first_line(exc)
                         del loaded[name]
-            tally.add(results, chunk)
-            seen += len(chunk)
-            bar.update(len(chunk))
+                tally.add(results, chunk)
+                sample.feed(chunk, results)
+                seen += len(chunk)
+                bar.update(len(chunk))
+
+            # two chunks in flight: the workers start on the next while this one is folded
+            flight: list[tuple[np.ndarray, dict[str, Future[np.ndarray]]]] = []
+            for chunk in stream:
+                jobs = {
+                    name: pool.submit(_run_checked, name, loaded[name], chunk, runs.n_outputs)
+                    for name in side
+                    if name in loaded
+                }
+                flight.append((chunk, jobs))
+                if len(flight) == 2:
+                    fold(*flight.pop(0))
+            for pending in flight:
+                fold(*pending)
+        sample.fold_into(tally, skipped)
     return tally, skipped, seen
 
 
+class _Sample:
+    """The ``sample_only`` runtimes of :func:`compare_stream`, each loaded in a thread of
+    its own and run there on the first :data:`REFERENCE_ROWS` rows once they have come.
+
+    The other runtimes' outputs on those rows are kept (a few hundred rows), so that
+    :meth:`fold_into` compares them exactly as if the sample runtime had run in line.
+    """
+
+    def __init__(self, runtimes: dict[str, Callable[[], Runtime]], runs: Runs) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.runs = runs
+        self.rows: list[np.ndarray] = []
+        self.outputs: dict[str, list[np.ndarray]] = {}
+        self.have = 0
+        self.ready: Future[np.ndarray | None] = Future()
+        names = [n for n in runtimes if n in runs.sample_only]
+        self.pool = ThreadPoolExecutor(max(1, len(names)), thread_name_prefix="normexport-sample")
+        self.jobs = {name: self.pool.submit(self._run, runtimes[name]) for name in names}
+
+    def _run(self, make: Callable[[], Runtime]) -> np.ndarray | None:
+        run = make()
+        rows = self.ready.result()
+        return None if rows is None else run(rows)
+
+    def feed(self, chunk: np.ndarray, results: dict[str, np.ndarray]) -> None:
+        """Keep the head of a chunk and of the outputs on it, up to the sample's size."""
+        take = min(len(chunk), REFERENCE_ROWS - self.have)
+        if take <= 0 or not self.jobs:
+            return
+        self.rows.append(chunk[:take])
+        for name, out in results.items():
+            self.outputs.setdefault(name, []).append(out[:take])
+        self.have += take
+        if self.have == REFERENCE_ROWS:
+            self.ready.set_result(np.concatenate(self.rows))
+
+    def fold_into(self, tally: _Tally, skipped: dict[str, str]) -> None:
+        """Wait for each sample runtime; fold its pairs into ``tally`` or mark it skipped."""
+        if not self.ready.done():  # the stream ended before REFERENCE_ROWS rows
+            self.ready.set_result(np.concatenate(self.rows) if self.rows else None)
+        for name, job in self.jobs.items():
+            try:
+                out = job.result()
+            except (ImportError, NotImplementedError) as exc:
+                if name not in self.runs.optional:
+                    raise
+                skipped[name] = first_line(exc)
+                continue
+            if out is None:
+                continue
+            out = _checked(name, out, self.have, self.runs.n_outputs)
+            others = {k: np.concatenate(v) for k, v in self.outputs.items() if k not in skipped}
+            tally.add({**others, name: out}, only=name)
+
+    def __enter__(self) -> _Sample:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.ready.done():  # an error ended the stream: let the jobs finish
+            self.ready.set_result(None)
+        self.pool.shutdown(wait=True)
+
+
+def _progress(wanted: bool, **options: Any) -> Any:
+    """tqdm's progress bar on stderr when ``wanted`` and stderr is a terminal; otherwise
+    a stand-in, and tqdm is not imported (about 60 ms of a run's start-up)."""
+    if not (wanted and sys.stderr.isatty()):
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(file=sys.stderr, **options)
+
+
+class _NoProgress:
+    """A hidden progress bar."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
 def _run_checked(name: str, run: Runtime, rows: np.ndarray, n_outputs: int) -> np.ndarray:
-    out = np.asarray(run(rows), dtype=np.float64)
-    if out.shape != (rows.shape[0], n_outputs):
-        raise NormexportError(
-            f"{name} returned shape {out.shape}, expected {(rows.shape[0], n_outputs)}"
-        )
+    return _checked(name, run(rows), rows.shape[0], n_outputs)
+
+
+def _checked(name: str, out: Any, rows: int, n_outputs: int) -> np.ndarray:
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape != (rows, n_outputs):
+        raise NormexportError(f"{name} returned shape {out.shape}, expected {(rows, n_outputs)}")
     return out
+
+
+def _worst_disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per column, the largest :func:`_disagreement` of ``a`` and ``b``.
+
+    ``|a - b|`` alone gives it unless a difference is NaN (a NaN, or equal infinities):
+    only then are the exact rules applied, so the common case costs three passes. The
+    difference is laid out column by column: NumPy reduces a row-major (rows, 2) array
+    over its rows some 20x slower than each contiguous column.
+    """
+    with np.errstate(invalid="ignore"):
+        diff = np.subtract(a, b, order="F")
+        np.abs(diff, out=diff)
+    worst = diff.max(axis=0, initial=0.0)  # NaN where a difference is NaN
+    if np.isnan(worst).any():
+        worst = _disagreement(a, b).max(axis=0, initial=0.0)
+    return worst
 
 
 def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -545,29 +690,40 @@ def verify_directory(
         if rows is not None and data is None and rows < source.shape[0]:
             pick = np.random.default_rng(seed).choice(source.shape[0], rows, replace=False)
             source = source[np.sort(pick)]
-    runtimes: dict[str, Callable[[], Runtime]] = {
-        "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
-        "mxnet": lambda: _mxnet_runtime(directory, dtype),
-        "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),  # float64
-        "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
-    }
     float32 = dtype == "float32"
-    if float32:  # the float64 evaluation is the yardstick; a float32 one shows the rounding
-        runtimes[PROBE] = lambda: numpy_runtime(directory, in_scaler, out_scaler, "float32")
     return check_rows(
-        runtimes,
+        directory_runtimes(directory, in_scaler, out_scaler, dtype),
         source,
         in_scaler,
         out_scaler,
         dtype=dtype,
         rtol=rtol,
-        sample_only=frozenset({"onnx.reference"}),
+        sample_only=SAMPLE_ONLY,
         optional=frozenset({"mxnet", "numpy", "onnx.reference", PROBE}),
         reference="numpy" if float32 else None,
         probe=PROBE if float32 else None,
         chunk_rows=chunk_rows,
         collect=_model_bytes(onnx_path) > COLLECT_BYTES,
     )
+
+
+SAMPLE_ONLY = frozenset({"onnx.reference"})  # runtimes that see the first REFERENCE_ROWS rows
+
+
+def directory_runtimes(
+    directory: Path, in_scaler: AffineScaler, out_scaler: AffineScaler, dtype: str
+) -> dict[str, Callable[[], Runtime]]:
+    """The runtimes :func:`verify_directory` runs on a model directory, as factories."""
+    onnx_path = directory / ONNX_FILE
+    runtimes: dict[str, Callable[[], Runtime]] = {
+        "onnxruntime": lambda: onnxruntime_runtime(onnx_path),
+        "mxnet": lambda: _mxnet_runtime(directory, dtype),
+        "numpy": lambda: numpy_runtime(directory, in_scaler, out_scaler),  # float64
+        "onnx.reference": lambda: onnx_reference_runtime(onnx_path),
+    }
+    if dtype == "float32":  # float64 is the yardstick; a float32 evaluation shows the rounding
+        runtimes[PROBE] = lambda: numpy_runtime(directory, in_scaler, out_scaler, "float32")
+    return runtimes
 
 
 COLLECT_BYTES = 16 * 1024 * 1024  # verify_directory releases larger models between runtimes
@@ -797,12 +953,16 @@ class _InputWatch:
         scale, shift = self.scaler.affine()
         X = np.asarray(X, dtype=np.float64)
         self.outside += transforms.out_of_domain(X, self.scaler.transforms_)
-        with np.errstate(all="ignore"):
-            Xn = transforms.apply(X, self.scaler.transforms_) * scale + shift
+        with np.errstate(all="ignore"):  # column by column in memory: see _worst_disagreement
+            Xn = np.multiply(
+                transforms.apply(X, self.scaler.transforms_), scale, dtype=np.float64, order="F"
+            )
+            Xn += shift
         self.rows += len(Xn)
-        self.far += np.sum((Xn < self.band[0]) | (Xn > self.band[1]), axis=0)
-        self.low = np.fmin(self.low, np.nanmin(Xn, axis=0))
-        self.high = np.fmax(self.high, np.nanmax(Xn, axis=0))
+        self.far += np.count_nonzero(Xn < self.band[0], axis=0)
+        self.far += np.count_nonzero(Xn > self.band[1], axis=0)
+        self.low = np.fmin(self.low, np.fmin.reduce(Xn, axis=0))  # NaN-ignoring min
+        self.high = np.fmax(self.high, np.fmax.reduce(Xn, axis=0))
 
     def watch(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         for chunk in chunks:

@@ -1,7 +1,7 @@
 """Benchmarks of the core profile: the data plane (tables through the model) and scale (Dask).
 
 Run through ``scripts/bench --sections data,scale`` (which makes sure ``.venv-core``
-exists: numpy 2, the newest pyarrow, onnxruntime and dask). Every measurement runs in a
+exists: numpy 2, the newest pyarrow, onnxruntime and dask). Every command runs in a
 fresh process, so peak RSS is that command's own; times are best-of-N wall clock, and
 every ratio compares two numbers measured in the same run.
 
@@ -9,7 +9,10 @@ data    the same 2M-row table through a 3-64-64-64-2 float32 net: ``normexport p
         CSV→CSV, CSV→Parquet and Parquet→Parquet, against a minimal pyarrow +
         onnxruntime loop over the same file; peak RSS of ``predict`` and ``verify --data``
         at 200k and at 2M rows; ``verify --data`` throughput against its runtimes' own
-        compute time on the same rows.
+        compute time on the same rows (see :func:`bench_verify_compute`).
+verify-data  only that last measurement (``--sections verify-data``); run it with the
+        MXNet profile's Python too, where verification also runs MXNet:
+        ``.venv/bin/python scripts/bench_data.py --sections verify-data``.
 scale   rows/s of single-process ``predict`` over a partitioned Parquet dataset, and of
         ``predict --engine dask`` with 1 and 2 local worker processes on the same dataset.
 """
@@ -64,11 +67,20 @@ print(json.dumps({"rc": done.returncode, "seconds": seconds, "peak_mib": peak,
 
 
 def measure(argv: list[str], repeat: int = 1) -> dict[str, Any]:
-    """Best-of-``repeat`` wall time and the peak RSS of ``argv`` in fresh processes."""
+    """Best-of-``repeat`` wall time and the peak RSS of ``argv`` in fresh processes.
+
+    Bytecode is cached as an installed package's is (PYTHONDONTWRITEBYTECODE would make
+    every start compile the package again, about 0.15 s).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     runs = []
     for _ in range(repeat):
         out = subprocess.run(
-            [sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, check=True
+            [sys.executable, "-c", MEASURE, *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         )
         run = json.loads(out.stdout)
         if run["rc"] != 0:
@@ -200,39 +212,78 @@ def bench_data(work: Path, rows: int, small: int, repeat: int, log: Any) -> dict
         key: memory[str(rows)][key] / memory[str(small)][key]
         for key in ("predict", "verify --data")
     }
-    out["verify"] = bench_verify_compute(csv, rows, log)
+    out["verify"] = bench_verify_compute(csv, rows, repeat, log)
     return out
 
 
-def bench_verify_compute(csv: Path, rows: int, log: Any) -> dict[str, Any]:
-    """``verify --data`` wall time against the sum of its runtimes' own compute time."""
-    from normexport import runtimes, tables, verification
-    from normexport.modeldir import ONNX_FILE, load_scalers
-    from normexport.reference import numpy_runtime
+def bench_verify_compute(csv: Path, rows: int, repeat: int, log: Any) -> dict[str, Any]:
+    """``verify --data`` wall time against the sum of its runtimes' own compute time.
 
-    log("data: verify --data throughput ...")
-    wall = measure(normexport("verify", str(MODEL_DIR), "--data", str(csv)))["seconds"]
+    In one run, on the same file: ``verify MODEL_DIR --data csv`` end to end in a fresh
+    process; each runtime that verification runs (``directory_runtimes``: onnxruntime,
+    the float64 NumPy reference, its float32 probe for a float32 model, MXNet where
+    installed, onnx.reference on its sample) timed alone in this process on the same rows
+    (edge rows + data), in verification's chunks, already in the model's dtype, NumPy's
+    BLAS on one thread as in ``verify --data``; loading a runtime is not compute. Best of
+    ``repeat`` each. What the ratio leaves over is broken down by two more measurements:
+    reading the table alone (this process) and ``verify`` on a 100-row file (start-up,
+    imports, loading every runtime, fresh process).
+    """
+    from normexport import tables, verification
+    from normexport.modeldir import load_scalers
+    from normexport.reference import one_blas_thread
+
+    log("verify-data: verify --data end to end ...")
+    wall = measure(normexport("verify", str(MODEL_DIR), "--data", str(csv)), repeat)["seconds"]
+    tiny = csv.with_name("rows100.csv")
+    write_rows(tiny, 100)
+    fixed = measure(normexport("verify", str(MODEL_DIR), "--data", str(tiny)), repeat)["seconds"]
     in_sc, out_sc, dtype = load_scalers(MODEL_DIR / "scalers.json")
-    X = tables.load_columns(csv, in_sc.columns_)
-    X = np.concatenate([verification.edge_rows(in_sc), X])
-    compute = {}
-    run = runtimes.onnxruntime_runtime(MODEL_DIR / ONNX_FILE)
-    started = time.perf_counter()
-    for start in range(0, X.shape[0], verification.CHUNK_ROWS):
-        run(X[start : start + verification.CHUNK_ROWS].astype(dtype))
-    compute["onnxruntime"] = time.perf_counter() - started
-    ref = numpy_runtime(MODEL_DIR, in_sc, out_sc)
-    started = time.perf_counter()
-    for start in range(0, X.shape[0], verification.CHUNK_ROWS):
-        ref(X[start : start + verification.CHUNK_ROWS].astype(dtype))
-    compute["numpy"] = time.perf_counter() - started
+
+    def best_of(run: Any) -> float:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    log("verify-data: reading the table alone ...")
+    size = verification.CHUNK_ROWS
+    read = best_of(
+        lambda: sum(1 for _ in tables.iter_batches(csv, [in_sc.columns_], batch_rows=size))
+    )
+    X = np.concatenate([verification.edge_rows(in_sc), tables.load_columns(csv, in_sc.columns_)])
+    chunks = [X[i : i + size].astype(dtype) for i in range(0, len(X), size)]
+    del X
+    compute, skipped = {}, {}
+    for name, make in verification.directory_runtimes(MODEL_DIR, in_sc, out_sc, dtype).items():
+        try:
+            run = make()
+        except (ImportError, NotImplementedError) as exc:
+            skipped[name] = str(exc).splitlines()[0]
+            continue
+        part = (
+            [chunks[0][: verification.REFERENCE_ROWS]]
+            if name in verification.SAMPLE_ONLY
+            else chunks
+        )
+        log(f"verify-data: {name} alone ...")
+        with one_blas_thread():  # as verify --data runs them
+            compute[name] = best_of(lambda run=run, part=part: [run(c) for c in part])
+        del run
     total = sum(compute.values())
     return {
         "rows": rows,
         "wall_seconds": wall,
         "runtime_compute_seconds": compute,
+        "skipped": skipped,
         "ratio_to_runtime_compute": wall / total,
         "rows_per_s": rows / wall,
+        "read_alone_seconds": read,
+        "verify_100_rows_seconds": fixed,
+        # the cost that grows with the rows: end to end minus the fixed cost of a run
+        "per_row_ratio_to_runtime_compute": (wall - fixed) / total,
     }
 
 
@@ -298,7 +349,7 @@ def bench_scale(
 def format_table(results: dict[str, Any]) -> str:
     lines = []
     data = results.get("data")
-    if data:
+    if data and "predict" in data:
         lines.append(f"data plane: {data['rows']} rows, {data['model']}")
         for name, t in data["predict"].items():
             lines.append(
@@ -311,11 +362,21 @@ def format_table(results: dict[str, Any]) -> str:
                 f"  peak RSS {key:<14} {data['peak_mib'][small][key]:.0f} MiB at {small} rows, "
                 f"{data['peak_mib'][big][key]:.0f} MiB at {big} rows: {ratio:.2f}x"
             )
+    if data and "verify" in data:
         v = data["verify"]
         lines.append(
-            f"  verify --data: {v['wall_seconds']:.2f} s ({v['rows_per_s'] / 1e3:.0f}k rows/s), "
-            f"{v['ratio_to_runtime_compute']:.2f}x its runtimes' compute "
-            f"({', '.join(f'{k} {s:.2f} s' for k, s in v['runtime_compute_seconds'].items())})"
+            f"  verify --data ({v['rows']} rows): {v['wall_seconds']:.2f} s "
+            f"({v['rows_per_s'] / 1e3:.0f}k rows/s), {v['ratio_to_runtime_compute']:.2f}x its "
+            f"runtimes' own compute ("
+            + ", ".join(f"{k} {t:.2f} s" for k, t in v["runtime_compute_seconds"].items())
+            + f"; sum {sum(v['runtime_compute_seconds'].values()):.2f} s)"
+        )
+        lines.append(
+            f"    reading the table alone {v['read_alone_seconds']:.2f} s; verify on 100 rows "
+            f"(start-up, loading the runtimes) {v['verify_100_rows_seconds']:.2f} s; the rest, "
+            f"{v['wall_seconds'] - v['verify_100_rows_seconds']:.2f} s, is "
+            f"{v['per_row_ratio_to_runtime_compute']:.2f}x the runtimes' compute"
+            + "".join(f"; skipped {k}" for k in v["skipped"])
         )
     scale = results.get("scale")
     if scale:
@@ -333,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200k rows instead of 2M")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"data", "scale"}
+    unknown = set(sections) - {"data", "scale", "verify-data"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     rows, small, repeat = (200_000, 20_000, 1) if args.quick else (2_000_000, 200_000, 3)
@@ -353,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "data" in sections:
         results["data"] = bench_data(work, rows, small, repeat, log)
+    if "verify-data" in sections and "data" not in sections:  # its part of data, alone
+        csv = work / f"rows{rows}.csv"
+        log(f"verify-data: writing {rows} rows as CSV ...")
+        write_rows(csv, rows)
+        results["data"] = {"verify": bench_verify_compute(csv, rows, repeat, log)}
     if "scale" in sections:
         results["scale"] = bench_scale(work, 16, rows // 8, repeat, log)
     results["loadavg_end"] = os.getloadavg()

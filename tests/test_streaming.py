@@ -12,6 +12,7 @@ from test_core import DATA, MODEL
 
 from normexport import predicting, tables, verification
 from normexport.cli import main
+from normexport.errors import DataError
 from normexport.modeldir import load_scalers
 
 INPUTS = ["temp_k", "strain", "frac"]
@@ -201,3 +202,134 @@ def test_a_header_longer_than_a_read_block_is_refused_before_it_is_held(tmp_path
         f"normexport: error: {path}:1: the header row is longer than 512 KiB, "
         "the longest row normexport reads"
     )
+
+
+def test_the_streamed_verdict_is_the_in_memory_one(table):
+    """Chunks of 100 rows: onnx.reference's 256-row sample spans the edge rows and three
+    data chunks, runs in its own thread, and still reports exactly what it does in line."""
+    root, data = table
+    in_sc, _, _ = load_scalers(MODEL / "scalers.json")
+    X = np.column_stack([data.column(c).to_numpy().astype(float) for c in in_sc.columns_])
+    whole = verification.verify_directory(MODEL, X, chunk_rows=100)
+    streamed = verification.verify_directory(MODEL, data=root / "t.parquet", chunk_rows=100)
+    assert "onnx.reference" in streamed.runtimes and streamed.rounding
+    assert streamed.to_dict() == whole.to_dict()
+
+
+def test_a_tampered_onnx_file_fails_the_streamed_check_on_every_pair(table, tmp_path):
+    import shutil
+
+    import onnx
+
+    root, _ = table
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model)
+    proto = onnx.load(str(model / "model.onnx"))
+    bias = next(t for t in proto.graph.initializer if t.dims == [2] or list(t.dims) == [1, 2])
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values.flat[0] += 1e-3  # a thousandth of a normalized unit on one output
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, str(model / "model.onnx"))
+    report = verification.verify_directory(model, data=root / "t.csv", chunk_rows=100)
+    assert not report.ok
+    failed = {(p.a, p.b) for p in report.pairs if not p.ok}
+    assert failed == {("onnxruntime", "numpy"), ("onnx.reference", "numpy")}
+
+
+def test_a_bad_row_deep_in_the_table_is_one_line_and_stops_every_thread(tmp_path, capsys):
+    """The bad row lies in the third 512 KiB read block, after chunks already ran."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    rows = [f"{t},{s},{f}" for t, s, f in rng.uniform([250, 0, 0], [350, 0.01, 1], (20000, 3))]
+    rows[15000] = "300,oops,0.5"
+    path = tmp_path / "deep.csv"
+    path.write_text("temp_k,strain,frac\n" + "\n".join(rows) + "\n")
+    assert path.stat().st_size > 2 * tables.CSV_BLOCK_BYTES
+    message = "deep.csv:15002: column 'strain': 'oops' is not a number"
+    code = main(["verify", str(MODEL), "--data", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    before = threading.active_count()
+    with pytest.raises(DataError, match=message):
+        verification.verify_directory(MODEL, data=path, chunk_rows=256)
+    assert threading.active_count() == before  # reader, runtime and sample threads joined
+
+
+def test_the_fast_worst_disagreement_is_the_exact_one():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(500, 3))
+    b = a + rng.normal(scale=1e-6, size=a.shape)
+    special = [np.nan, np.inf, -np.inf, 0.0]
+    for trial in range(50):
+        x, y = a.copy(), b.copy()
+        for _ in range(trial % 4):  # none, then up to three special values in random cells
+            x[rng.integers(500), rng.integers(3)] = rng.choice(special)
+            y[rng.integers(500), rng.integers(3)] = rng.choice(special)
+        if trial % 5 == 0:
+            y[7] = x[7] = np.inf  # equal infinities agree
+        exact = verification._disagreement(x, y).max(axis=0, initial=0.0)
+        np.testing.assert_array_equal(verification._worst_disagreement(x, y), exact)
+
+
+def test_streamed_verification_runs_numpy_blas_on_one_thread_and_restores_it():
+    import threading
+
+    from normexport import reference
+
+    controls = reference._openblas_thread_controls()
+    if not controls:
+        pytest.skip("no OpenBLAS found in this process (not Linux, or NumPy without OpenBLAS)")
+    before = [get() for get, _ in controls]
+    seen = []
+
+    def runtime(X):  # on a worker thread ("numpy") or the calling thread ("other")
+        seen.append([get() for get, _ in controls])
+        return np.zeros((len(X), 2))
+
+    in_sc, out_sc, _ = load_scalers(MODEL / "scalers.json")
+    rows = verification.random_rows(in_sc, 300)
+    report = verification.check_rows(
+        {"numpy": lambda: runtime, "other": lambda: runtime},
+        (rows[i : i + 100] for i in range(0, 300, 100)),
+        in_sc,
+        out_sc,
+        dtype="float64",
+    )
+    assert report.ok and report.data_rows == 300
+    assert seen == [[1] * len(controls)] * 8  # the edge rows and three chunks, twice
+    assert [get() for get, _ in controls] == before
+    # blocks overlapping in several threads: the last one to end restores the count
+    start = threading.Barrier(4)
+    seen.clear()
+
+    def block():
+        start.wait()
+        with reference.one_blas_thread():
+            seen.append([get() for get, _ in controls])
+
+    threads = [threading.Thread(target=block) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [[1] * len(controls)] * 4
+    assert [get() for get, _ in controls] == before
+
+
+def test_verify_data_shows_rows_per_second_on_a_terminal_only(table, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    root, _ = table
+    verification.verify_directory(MODEL, data=root / "t.csv", chunk_rows=256)
+    assert capsys.readouterr().err == ""  # not a terminal: no bar
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    verification.verify_directory(MODEL, data=root / "t.csv", chunk_rows=256)
+    shown = terminal.getvalue()
+    assert "verifying" in shown and "rows/s" in shown and "1.02k" in shown, shown

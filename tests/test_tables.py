@@ -499,3 +499,49 @@ def test_parquet_metadata_goes_into_the_schema_and_csv_refuses_it(tmp_path):
     assert pq.read_table(path).column("y").to_pylist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="CSV has none"):
         tables.TableWriter(tmp_path / "out.csv", metadata={"a": "b"})
+
+
+def test_read_ahead_keeps_order_raises_in_order_and_stays_bounded():
+    import time
+
+    produced, closed = [], []
+
+    def items(n, fail_at=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise DataError(f"t.csv:{i + 2}: bad")
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    assert list(tables.ReadAhead(items(50), depth=2)) == list(range(50))
+    produced.clear()
+    got = []
+    with pytest.raises(DataError, match="t.csv:9: bad"):
+        for i in tables.ReadAhead(items(50, fail_at=7)):
+            got.append(i)
+    assert got == list(range(7))
+    produced.clear()
+    closed.clear()
+    stream = tables.ReadAhead(items(1000), depth=2)
+    assert [next(stream) for _ in range(5)] == list(range(5))
+    time.sleep(0.2)  # give the producer time to run ahead, were it unbounded
+    assert len(produced) <= 5 + 2 + 1  # consumed + queued + the one waiting to be queued
+    stream.close()
+    assert closed == [True] and len(produced) <= 8
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_float64_columns_become_numpy_without_copies_nulls_as_nan():
+    array = pa.array([1.5, None, 3.0, 4.0, None, 6.0])
+    np.testing.assert_array_equal(tables._float64_view(array), [1.5, np.nan, 3, 4, np.nan, 6])
+    np.testing.assert_array_equal(tables._float64_view(array.slice(2, 3)), [3, 4, np.nan])
+    dense = pa.array(np.arange(10.0)).slice(3, 4)
+    view = tables._float64_view(dense)
+    np.testing.assert_array_equal(view, [3, 4, 5, 6])
+    assert not view.flags.owndata  # a view of pyarrow's buffer
+    np.testing.assert_array_equal(tables._float64_view(pa.array([1, 2], pa.int32())), [1.0, 2.0])
+    assert tables._float64_view(pa.array([], pa.float64())).shape == (0,)
