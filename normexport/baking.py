@@ -48,6 +48,7 @@ from normexport.errors import (
     VerificationError,
     first_line,
 )
+from normexport.runtimes import session_options
 from normexport.scaling import AffineScaler, factors_to_scalers, scalers_from_dict, scalers_to_dict
 from normexport.verification import (
     RANDOM_ROWS,
@@ -993,10 +994,10 @@ class _Runner:
         """A runtime for ``path``; errors name ``label`` (the user's file)."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(path), session_options(path), providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise FormatError(
                 f"{label}: onnxruntime cannot load the model: {first_line(exc)}"

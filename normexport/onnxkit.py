@@ -22,7 +22,11 @@ from normexport import __version__, files
 from normexport.errors import FormatError, GraphError, first_line
 
 DEFAULT_OPSET = 13
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to an external data file
+# Weights above this go to an external data file: a file with its weights inline is read
+# whole by onnx.checker and onnxruntime, which then hold them twice; external data they
+# map or skip (see docs/performance.md).
+EXTERNAL_DATA_THRESHOLD = 64 << 20
+WRITE_CHUNK_BYTES = 16 << 20  # the largest block of a tensor copied out while writing
 
 
 def newest_opset() -> int:
@@ -80,10 +84,10 @@ def write_model(
     """Write ``model`` atomically, filling the initializers named in ``params`` one
     tensor at a time; return the files written.
 
-    ``params`` maps initializer names to arrays (NumPy, memory maps, or anything with
-    ``asnumpy()``), read only while that tensor is written, so the weights are never
-    all copied into the protobuf. Without ``external`` they are streamed into the file
-    as ``raw_data``: the weightless model is serialized first, then each tensor as a
+    ``params`` maps initializer names to arrays (NumPy, memory maps or MXNet NDArrays),
+    copied out a block of rows at a time while that tensor is written, so neither the
+    protobuf nor the writer ever holds a copy of the weights. Without ``external`` they
+    are streamed into the file as ``raw_data``: the weightless model is serialized first, then each tensor as a
     ``graph.initializer`` entry of its own (protobuf merges repeated fields that follow,
     so the file parses as one model). With ``external`` (a file name relative to the
     model), they are written to that file and referenced by offset, as onnx's external
@@ -103,15 +107,13 @@ def write_model(
         with files.atomic_write(path) as handle:
             handle.write(model.SerializeToString())
             for tensor in filled:
-                array = _tensor_array(tensor, params[tensor.name])
-                handle.write(_initializer_prefix(tensor, array.nbytes))
-                array.tofile(handle)
-                del array
+                handle.write(_initializer_prefix(tensor, _nbytes(tensor)))
+                _write_tensor(handle, tensor, params[tensor.name])
         return [path]
     offset = 0
     placed = []
     for tensor in filled:
-        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * _itemsize(tensor)
+        nbytes = _nbytes(tensor)
         offset = -(-offset // 64) * 64  # align like onnx's own external data writer
         tensor.data_location = TensorProto.EXTERNAL
         del tensor.external_data[:]
@@ -123,26 +125,37 @@ def write_model(
     with files.atomic_write(data_path) as handle:
         for start, tensor in placed:
             handle.seek(start)
-            array = _tensor_array(tensor, params[tensor.name])
-            array.tofile(handle)
-            del array
+            _write_tensor(handle, tensor, params[tensor.name])
     files.write_bytes(path, model.SerializeToString())
     return [path, data_path]
 
 
-def _itemsize(tensor: TensorProto) -> int:
-    return int(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+def _nbytes(tensor: TensorProto) -> int:
+    return math.prod(tensor.dims) * int(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
 
 
-def _tensor_array(tensor: TensorProto, value: Any) -> np.ndarray:
+def _write_tensor(handle: Any, tensor: TensorProto, value: Any) -> None:
+    """Write ``value``'s bytes (little-endian) for ``tensor``, a block of rows at a time.
+
+    ``value`` is a NumPy array (a memory map too) or an MXNet NDArray; a block of at most
+    :data:`WRITE_CHUNK_BYTES` is copied out at a time (``value[a:b]`` is a view in both),
+    so writing holds no copy of the tensor.
+    """
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    array = np.ascontiguousarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
-    if array.size != int(np.prod(tensor.dims, dtype=np.int64)) or array.dtype != dtype:
+    shape = tuple(value.shape)
+    if math.prod(shape) != math.prod(tensor.dims) or np.dtype(value.dtype) != dtype:
         raise GraphError(
-            f"initializer {tensor.name}: {array.dtype} {array.shape} does not fit "
+            f"initializer {tensor.name}: {np.dtype(value.dtype).name} {shape} does not fit "
             f"{np.dtype(dtype).name} {list(tensor.dims)}"
         )
-    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+    if not shape:
+        value, shape = value.reshape((1,)), (1,)
+    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    step = max(1, WRITE_CHUNK_BYTES // max(1, row_bytes))
+    for first in range(0, shape[0], step):
+        block = value[first : first + step]
+        array = np.ascontiguousarray(block.asnumpy() if hasattr(block, "asnumpy") else block)
+        array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(handle)
 
 
 def _initializer_prefix(tensor: TensorProto, nbytes: int) -> bytes:
