@@ -87,11 +87,11 @@ def write_model(
     ``params`` maps initializer names to arrays (NumPy, memory maps or MXNet NDArrays),
     copied out a block of rows at a time while that tensor is written, so neither the
     protobuf nor the writer ever holds a copy of the weights. Without ``external`` they
-    are streamed into the file as ``raw_data``: the weightless model is serialized first, then each tensor as a
-    ``graph.initializer`` entry of its own (protobuf merges repeated fields that follow,
-    so the file parses as one model). With ``external`` (a file name relative to the
-    model), they are written to that file and referenced by offset, as onnx's external
-    data format describes.
+    are streamed into the file as ``raw_data``: the weightless model is serialized
+    first, then each tensor as a ``graph.initializer`` entry of its own (protobuf merges
+    repeated fields that follow, so the file parses as one model). With ``external`` (a
+    file name relative to the model), they are written to that file and referenced by
+    offset, as onnx's external data format describes.
     """
     path = Path(path)
     model = copy_model(model)
