@@ -56,9 +56,7 @@ class _Params(dict):
 
 
 @pytest.mark.parametrize("side", ["scalers", "factors"])
-def test_export_files_frees_the_checkpoint_before_the_checker(
-    tmp_path, scalers, monkeypatch, side
-):
+def test_export_files_frees_the_checkpoint_before_the_checker(tmp_path, scalers, monkeypatch, side):
     """export --symbol/--params: once model.onnx is written, nothing holds the loaded
     weights while onnx.checker and verification load the model again."""
     in_sc, out_sc = scalers
