@@ -104,7 +104,7 @@ def bake(
         of ``n_out`` values per row, trained on normalized data.
     onnx_out
         The file to write (plus ``<name>.data`` beside it when the input used external
-        data or the weights exceed 1 GiB).
+        data or the weights exceed 64 MiB).
     factors, scalers
         Exactly one: a side file (text or ``.npy``) or array of ``(scale, shift)`` rows
         (``n_in`` normalizing the inputs, then ``n_out`` de-normalizing the outputs), or

@@ -53,8 +53,18 @@ class NumpyNet:
             for node, refs in zip(self.nodes, self.inputs, strict=True)
             if node["op"] == "FullyConnected" and len(refs) > 1
         }
+        shapes = [self.params[k].shape for k in self.weights if k in self.params]
+        self.widest = max((shape[0] for shape in shapes), default=1)
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
+        """The network on the rows of ``X``, in blocks of rows whose widest activation
+        stays within :data:`ACTIVATION_BYTES` (each row is computed on its own)."""
+        rows = max(1, ACTIVATION_BYTES // (self.widest * X.dtype.itemsize))
+        if len(X) <= rows:
+            return self._forward(X)
+        return np.concatenate([self._forward(X[a : a + rows]) for a in range(0, len(X), rows)])
+
+    def _forward(self, X: np.ndarray) -> np.ndarray:
         values: dict[int, np.ndarray] = {}
         with np.errstate(over="ignore"):
             for i, node in enumerate(self.nodes):
@@ -86,7 +96,8 @@ def _fully_connected(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarra
     return y
 
 
-CAST_BLOCK_BYTES = 16 << 20
+CAST_BLOCK_BYTES = 16 << 20  # float64 copies of float32 weights, a block of rows at a time
+ACTIVATION_BYTES = 16 << 20  # the widest activation of one block of rows
 
 
 def _matmul_transposed(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -246,6 +246,7 @@ def _wide_net(width: int) -> tuple[Any, Any, Any]:
     net = build_net(2, hidden=(width, width), activation="sigmoid", dtype="float32")
     net.initialize(mx.init.Xavier(), ctx=mx.cpu())
     net(mx.nd.zeros((1, 3), dtype="float32"))
+    mx.nd.waitall()  # MXNet initializes asynchronously: the weights exist from here on
     rng = np.random.default_rng(0)
     X = rng.uniform([200, 0, 0], [400, 0.05, 1], size=(256, 3))
     Y = rng.uniform(-1, 1, size=(256, 2))

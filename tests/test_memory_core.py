@@ -124,18 +124,20 @@ def test_float64_product_of_float32_weights_cast_in_blocks(monkeypatch, rows):
     np.testing.assert_array_equal(same, x.astype(np.float32) @ w.T)
 
 
-def test_reference_keeps_dense_weights_in_their_dtype_and_agrees(monkeypatch):
-    """tests/data/mxnet_model (float32): the float64 reference with block casts gives the
-    MXNet profile's recorded predictions within float32 rounding of the range."""
-    monkeypatch.setattr(reference, "CAST_BLOCK_BYTES", 8)
+def test_reference_in_blocks_of_rows_and_weights_agrees(monkeypatch):
+    """tests/data/mxnet_model (float32): the float64 reference, its weights cast in
+    blocks and its rows run in blocks, gives what it gives in one piece (to float64
+    rounding) and the MXNet profile's recorded predictions within float32 rounding."""
     in_sc, out_sc, _ = load_scalers(MODEL / "scalers.json")
-    run = reference.numpy_runtime(MODEL, in_sc, out_sc)
     X = np.loadtxt(MODEL.parent / "rows.csv", delimiter=",", skiprows=1, ndmin=2)[:, 1:4]
     want = np.loadtxt(MODEL.parent / "mxnet_predictions.txt", ndmin=2)
-    assert len(want) == len(X)
-    got = run(X)
-    assert got.dtype == np.float64
+    whole = reference.numpy_runtime(MODEL, in_sc, out_sc)(X)
+    monkeypatch.setattr(reference, "CAST_BLOCK_BYTES", 8)
+    monkeypatch.setattr(reference, "ACTIVATION_BYTES", 3 * 8 * 8)  # 3 rows of a width-8 layer
+    got = reference.numpy_runtime(MODEL, in_sc, out_sc)(X)
+    assert got.dtype == np.float64 and got.shape == want.shape == (len(X), 2)
     span = out_sc.span()
+    assert np.max(np.abs(got - whole) / span) < 1e-14
     assert np.max(np.abs(got - want) / span) < 1e-5  # float32 runtime against float64
 
 
