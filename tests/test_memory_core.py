@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
+from onnx_models import affines, gemm_mlp, raw_rows, run
 from test_core import MODEL
 
 from normexport import mxparams, onnxkit, reference, runtimes
@@ -162,3 +164,98 @@ def _has_entry(options: ort.SessionOptions, key: str) -> bool:
     except Exception:  # onnxruntime raises for a key that is not set
         return False
     return True
+
+
+# ------------------------------------------------------------------ inline weights as a view
+
+
+def test_inline_view_leaves_large_tensors_in_the_file(tmp_path):
+    """Each inline tensor of at least ``min_bytes`` refers to its bytes in the file; read
+    back through onnx's external data loader they equal the file's tensors, and the rest
+    of the model parses as protobuf parses it."""
+    model = gemm_mlp(hidden=40)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    view = onnxkit.load_onnx(path, with_weights=False, leave_in_file=200)
+    by_name = {t.name: t for t in view.graph.initializer}
+    assert [t.name for t in view.graph.initializer] == [t.name for t in model.graph.initializer]
+    assert {n for n, t in by_name.items() if t.external_data} == {"W1", "W2"}  # b1: 160 bytes
+    assert all(e.value == "m.onnx" for e in by_name["W1"].external_data if e.key == "location")
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(view)
+    del stripped.graph.initializer[:]
+    del model.graph.initializer[:], view.graph.initializer[:]
+    assert view == stripped and view.graph == model.graph
+    load_external_data_for_model(stripped, str(tmp_path))  # (no initializers: a no-op)
+    full = onnx.load(str(path))
+    for tensor in by_name.values():
+        wanted = next(t for t in full.graph.initializer if t.name == tensor.name)
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(tensor, base_dir=str(tmp_path)), numpy_helper.to_array(wanted)
+        )
+
+
+def test_inline_view_of_a_streamed_file(tmp_path):
+    """write_model appends each tensor as its own ``graph`` field (protobuf merges them):
+    the view reads every occurrence."""
+    w = np.random.default_rng(3).standard_normal((9, 4)).astype(np.float32)
+    path = tmp_path / "s.onnx"
+    onnxkit.write_model(gemm_model(w), path, {"w": w})
+    view = onnxkit.load_onnx(path, with_weights=False, leave_in_file=1)
+    (tensor,) = view.graph.initializer
+    assert tensor.data_location == TensorProto.EXTERNAL and list(tensor.dims) == [9, 4]
+    np.testing.assert_array_equal(numpy_helper.to_array(tensor, base_dir=str(tmp_path)), w)
+    assert [n.op_type for n in view.graph.node] == ["Gemm"]
+
+
+@pytest.mark.parametrize("cut", [1, 30, 700])
+def test_inline_view_of_a_truncated_file_is_one_line(tmp_path, cut):
+    path = tmp_path / "t.onnx"
+    onnx.save_model(gemm_mlp(hidden=40), str(path))
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(onnxkit.GraphError, match=r"t.onnx: not an ONNX model \(") as info:
+        onnxkit.load_onnx(path, with_weights=False, leave_in_file=200)
+    assert "\n" not in str(info.value)
+
+
+def test_bake_of_large_inline_weights_reads_them_from_the_file(tmp_path, monkeypatch):
+    """Above the threshold bake loads a view (no weights held), checks the graph, writes
+    the weights from the file through memory maps and runs the original in onnxruntime
+    from the view; the result is what a bake of the same model below it gives."""
+    import normexport as nx
+
+    model = gemm_mlp(hidden=300)  # W1, W2: 3600 and 2400 bytes, at least 1 KiB
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, str(src))
+    (in_scale, in_shift), (out_scale, out_shift) = affines(3, 2)
+    factors = np.vstack(
+        [np.column_stack([in_scale, in_shift]), np.column_stack([out_scale, out_shift])]
+    )
+    small = nx.bake(src, tmp_path / "small.onnx", factors=factors)
+    assert small.report.ok and not (tmp_path / "small.onnx.data").exists()
+
+    monkeypatch.setattr(onnxkit, "EXTERNAL_DATA_THRESHOLD", 100)
+    loaded = []
+    load = onnxkit.load_onnx
+    monkeypatch.setattr(onnxkit, "load_onnx", lambda *a, **k: loaded.append(k) or load(*a, **k))
+    large = nx.bake(src, tmp_path / "large.onnx", factors=factors)
+    assert large.report.ok and (tmp_path / "large.onnx.data").is_file()
+    assert {"with_weights": False, "leave_in_file": 1024} in loaded
+    X = raw_rows((in_scale, in_shift)).astype(np.float32)
+    np.testing.assert_array_equal(
+        run(str(tmp_path / "large.onnx"), X), run(str(tmp_path / "small.onnx"), X)
+    )
+
+
+def test_bake_of_a_large_inline_model_with_a_broken_graph_is_refused(tmp_path, monkeypatch):
+    """The checker still sees the graph when the weights stay in the file."""
+    import normexport as nx
+
+    model = gemm_mlp(hidden=40)
+    model.graph.node[1].input[0] = "nowhere"
+    src = tmp_path / "bad.onnx"
+    onnx.save_model(model, str(src))
+    monkeypatch.setattr(onnxkit, "EXTERNAL_DATA_THRESHOLD", 100)
+    with pytest.raises(nx.NormexportError, match=r"bad.onnx: not a valid ONNX model .*nowhere"):
+        nx.bake(src, tmp_path / "out.onnx", factors=np.ones((5, 2)))
+    assert not (tmp_path / "out.onnx").exists()
