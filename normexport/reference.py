@@ -92,12 +92,12 @@ def _fully_connected(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarra
         x = x.reshape(x.shape[0], -1)
     y = _matmul_transposed(x, args[1])
     if attrs.get("no_bias", "False") not in ("True", "true", "1"):
-        y = y + args[2]
+        y += args[2]  # y is new: in place, one activation less
     return y
 
 
 CAST_BLOCK_BYTES = 16 << 20  # float64 copies of float32 weights, a block of rows at a time
-ACTIVATION_BYTES = 16 << 20  # the widest activation of one block of rows
+ACTIVATION_BYTES = 64 << 20  # the widest activation of one block of rows
 
 
 def _matmul_transposed(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -116,7 +116,10 @@ def _activation(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
     x, kind = args[0], attrs.get("act_type")
     one = x.dtype.type(1)
     if kind == "sigmoid":
-        return one / (one + np.exp(-x))
+        y = np.negative(x)  # 1 / (1 + exp(-x)), computed in one new array
+        np.exp(y, out=y)
+        y += one
+        return np.divide(one, y, out=y)
     if kind == "tanh":
         return np.tanh(x)
     if kind == "relu":
