@@ -1503,14 +1503,21 @@ def format_markdown(results: dict[str, Any], large: dict[str, Any] | None = None
                 + " |"
             )
     if large:
-        res = large["export"]
         out += [
             "",
             f"Large model: {large['parameters']:,} float32 parameters "
-            f"({large['params_bytes'] / 2**30:.2f} GiB), {res['wall_seconds']:.0f} s, peak RSS "
-            f"{res['peak_mib'] / 1024:.2f} GiB ({large['peak_over_model']:.2f}× the model beyond "
-            "the baseline).",
+            f"({4 * large['parameters'] / 2**30:.2f} GiB):",
+            "",
+            "| path | wall s | s per GiB | peak RSS GiB | × model beyond the baseline | "
+            "stage holding the peak | verified |",
+            "| --- | ---: | ---: | ---: | ---: | --- | --- |",
         ]
+        for case in large["cases"]:
+            out.append(
+                f"| {case['name']} | {case['wall_seconds']:.0f} | {case['seconds_per_gib']:.1f} | "
+                f"{case['peak_mib'] / 1024:.2f} | {case['peak_over_model']:.2f} | "
+                f"{case['peak_stage']} | {'yes' if case['ok'] else 'NO'} |"
+            )
     return "\n".join(out) + "\n"
 
 
