@@ -14,6 +14,14 @@ from normexport.errors import FormatError, first_line
 Runtime = Callable[[np.ndarray], np.ndarray]
 
 
+PREPACK_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _model_bytes(path: str | os.PathLike[str]) -> int:
+    """The model file and its external data files (named after it), in bytes."""
+    return sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+
+
 def session_options(path: str | os.PathLike[str]) -> Any:
     """onnxruntime's session options for verifying ``path``: quiet, and for a large model
     without prepacking, which copies every Gemm/MatMul weight into MLAS's layout (a
@@ -54,12 +62,6 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
 
 
 REFERENCE_MAX_BYTES = 64 * 1024 * 1024
-PREPACK_MAX_BYTES = 64 * 1024 * 1024
-
-
-def _model_bytes(path: str | os.PathLike[str]) -> int:
-    """The model file and its external data files (named after it), in bytes."""
-    return sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
 
 
 def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
