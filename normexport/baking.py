@@ -352,7 +352,12 @@ def load_model(path: Path) -> onnx.ModelProto:
     """Load and validate an ONNX file (weights stay where they are: a large file's inline
     weights too, read as external data of the file itself, see
     :func:`normexport.onnxkit.read_inline_view`)."""
-    large = path.is_file() and path.stat().st_size > onnxkit.EXTERNAL_DATA_THRESHOLD
+    # (not through a symbolic link: its name is not the name of the file it points to)
+    large = (
+        path.is_file()
+        and not path.is_symlink()
+        and path.stat().st_size > onnxkit.EXTERNAL_DATA_THRESHOLD
+    )
     try:
         model = onnxkit.load_onnx(
             path, with_weights=False, leave_in_file=EXTERNAL_MIN_BYTES if large else None
@@ -1041,7 +1046,7 @@ class _Runner:
         model: Any = str(path)
         if view is not None:
             model = view.SerializeToString()
-            folder = str(Path(path).resolve().parent)
+            folder = os.path.abspath(Path(path).parent)
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", folder
             )

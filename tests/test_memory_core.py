@@ -259,3 +259,18 @@ def test_bake_of_a_large_inline_model_with_a_broken_graph_is_refused(tmp_path, m
     with pytest.raises(nx.NormexportError, match=r"bad.onnx: not a valid ONNX model .*nowhere"):
         nx.bake(src, tmp_path / "out.onnx", factors=np.ones((5, 2)))
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_bake_of_a_large_inline_model_through_a_symbolic_link(tmp_path, monkeypatch):
+    """A link's name is not its target's: such an input is loaded whole, and bakes."""
+    import normexport as nx
+
+    (tmp_path / "models").mkdir()
+    real = tmp_path / "models" / "real.onnx"
+    onnx.save_model(gemm_mlp(hidden=300), str(real))
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "link.onnx"  # beside neither the file it names nor its data
+    link.symlink_to(real)
+    monkeypatch.setattr(onnxkit, "EXTERNAL_DATA_THRESHOLD", 100)
+    result = nx.bake(link, tmp_path / "links" / "out.onnx", factors=np.ones((5, 2)))
+    assert result.report.ok and (tmp_path / "links" / "out.onnx.data").is_file()
