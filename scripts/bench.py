@@ -6,11 +6,15 @@ inference     onnxruntime (one intra-op thread): bare network, spliced, folded a
               separate-file approach (NumPy scaling around the bare session), at batch 1,
               64 and 4096, interleaved; medians of per-call time and of the per-round
               ratio against the bare network measured in the same round.
-export        splice + ONNX conversion + post-processing + verification (the whole
-              ``export_directory``; training excluded) for the demo network and for wide
-              float32 networks, each case in a fresh subprocess: wall time, peak RSS and
-              a per-stage breakdown (the kernel's high-water mark is reset at every stage
-              boundary through /proc/self/clear_refs).
+export        every export path (``EXPORT_PATHS``: ``export DIR`` splice and fold,
+              ``export --symbol/--params`` with ``--scalers`` and ``--factors``,
+              ``nx.export(block)``, bake of inline and external weights) on the largest
+              wide float32 network, ``export DIR`` on the demo and smaller ones, each case
+              in a fresh subprocess: wall time, peak RSS beyond the baseline against
+              ``EXPORT_RSS_TARGET``, a per-stage breakdown (the kernel's high-water mark
+              is reset at every stage boundary through /proc/self/clear_refs) and the
+              stage holding the peak. ``scripts/large_model`` runs the same cases at
+              2 GiB.
 training      samples per second of ``normexport.mx.training.train`` on the demo data,
               float32 and float64, interleaved.
 defaults      the training defaults against the previous ones (200 epochs at batch 32,
