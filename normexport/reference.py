@@ -105,6 +105,8 @@ def _matmul_transposed(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     float64 evaluation) is cast a block of rows at a time, never copied whole."""
     if w.dtype == x.dtype:
         return x @ w.T
+    if w.size * x.dtype.itemsize <= CAST_BLOCK_BYTES:  # small: one cast, as it always was
+        return x @ w.astype(x.dtype).T
     out = np.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
     step = max(1, CAST_BLOCK_BYTES // max(1, w.shape[1] * x.dtype.itemsize))
     for first in range(0, w.shape[0], step):
