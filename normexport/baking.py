@@ -48,6 +48,7 @@ from normexport.errors import (
     VerificationError,
     first_line,
 )
+from normexport.runtimes import session_options
 from normexport.scaling import (
     AffineScaler,
     factors_to_scalers,
@@ -111,7 +112,7 @@ def bake(
         of ``n_out`` values per row, trained on normalized data.
     onnx_out
         The file to write (plus ``<name>.data`` beside it when the input used external
-        data or the weights exceed 1 GiB).
+        data or the weights exceed 64 MiB).
     factors, scalers
         Exactly one: a side file (text or ``.npy``) or array of ``(scale, shift)`` rows
         (``n_in`` normalizing the inputs, then ``n_out`` de-normalizing the outputs), or
@@ -219,6 +220,8 @@ def _bake(
     strict: bool,
 ) -> BakeResult:
     model = load_model(src)
+    if _reads_itself(src, model):
+        runner.views[src] = model
     shape = describe(src, model)
     source = _load_source(factors, scalers)
     model, shape, changes, regroup = resolve_output(
@@ -368,9 +371,19 @@ class ModelShape:
 
 
 def load_model(path: Path) -> onnx.ModelProto:
-    """Load and validate an ONNX file (weights stay where they are)."""
+    """Load and validate an ONNX file (weights stay where they are: a large file's inline
+    weights too, read as external data of the file itself, see
+    :func:`normexport.onnxkit.read_inline_view`)."""
+    # (not through a symbolic link: its name is not the name of the file it points to)
+    large = (
+        path.is_file()
+        and not path.is_symlink()
+        and path.stat().st_size > onnxkit.EXTERNAL_DATA_THRESHOLD
+    )
     try:
-        model = onnxkit.load_onnx(path, with_weights=False)
+        model = onnxkit.load_onnx(
+            path, with_weights=False, leave_in_file=EXTERNAL_MIN_BYTES if large else None
+        )
     except GraphError as exc:
         raise FormatError(str(exc)) from exc
     if model.ir_version > onnx.IR_VERSION:
@@ -392,12 +405,44 @@ def load_model(path: Path) -> onnx.ModelProto:
         )
     _check_external_data(path, model)
     try:
-        onnx.checker.check_model(str(path))
+        if large:
+            onnx.checker.check_model(_graph_only(model))
+        else:
+            onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise FormatError(
             f"{path}: not a valid ONNX model (truncated or damaged?): {first_line(exc)}"
         ) from exc
     return model
+
+
+def _reads_itself(path: Path, model: onnx.ModelProto) -> bool:
+    """Whether ``model`` was loaded as a view that leaves inline weights in ``path``."""
+    return any(
+        e.key == "location" and e.value == path.name
+        for t in model.graph.initializer
+        for e in t.external_data
+    )
+
+
+def _graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for the checker without reading its large tensors: each initializer in
+    external data becomes a graph input of its type and shape. (The checker would read a
+    file with inline weights whole, holding them twice; their placement and sizes are
+    checked by :func:`normexport.onnxkit.validate` when the file is loaded.)"""
+    checked = onnxkit.copy_model(model)
+    graph = checked.graph
+    external = [t for t in graph.initializer if uses_external_data(t)]
+    kept = [t for t in graph.initializer if not uses_external_data(t)]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = {v.name for v in graph.input}
+    for tensor in external:
+        if tensor.name not in inputs:
+            graph.input.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    return checked
 
 
 def _check_external_data(path: Path, model: onnx.ModelProto) -> None:
@@ -1015,15 +1060,25 @@ class _Runner:
     def __init__(self, timeout: float | None) -> None:
         self.timeout = None if timeout is None or timeout == float("inf") else float(timeout)
         self.used = 0.0
+        # Files loaded as a view that leaves their inline weights in the file: onnxruntime
+        # gets the view and reads the weights from the file (it would hold them twice).
+        self.views: dict[Path, onnx.ModelProto] = {}
 
     def runtime(self, path: str | os.PathLike[str], label: str) -> Runtime:
         """A runtime for ``path``; errors name ``label`` (the user's file)."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
+        options = session_options(path)
+        view = self.views.get(Path(path))
+        model: Any = str(path)
+        if view is not None:
+            model = view.SerializeToString()
+            folder = os.path.abspath(Path(path).parent)
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", folder
+            )
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise FormatError(
                 f"{label}: onnxruntime cannot load the model: {first_line(exc)}"

@@ -29,19 +29,30 @@ MAX_ARRAYS = 100_000  # as many as a symbol may have nodes (mx.checkpoint.MAX_NO
 MAX_ELEMENTS = 2**34  # as checkpoint.MAX_ELEMENTS: no regression net has a larger tensor
 MAX_DIM = 2**31 - 1  # MXNet 1.x (no large-tensor build) keeps each dimension in 32 bits
 MAX_NAME_BYTES = 4096
+CHUNK_BYTES = 16 << 20  # the read buffer when filling arrays allocated by the caller
 
 
 def read_params(
-    path: str | os.PathLike[str], convert: Callable[[np.ndarray], Any] | None = None
+    path: str | os.PathLike[str],
+    convert: Callable[[np.ndarray], Any] | None = None,
+    *,
+    empty: Callable[[tuple[int, ...], np.dtype[Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """Every named array in a ``.params`` file, keys as stored (``arg:``/``aux:`` kept).
 
     The file is read twice, both times as a stream: first every header and name is
     checked (the data is skipped, nothing is allocated but a small record per array),
-    then each array is read into its own buffer and handed to ``convert`` (for example to
-    make an MXNet NDArray) before the next is read. A hostile or damaged file is
-    therefore refused before any array exists, and the contents are held once, not twice.
+    then each array is read and handed over before the next is read. A hostile or
+    damaged file is therefore refused before any array exists.
+
+    By default each array is read into its own NumPy buffer, passed through ``convert``
+    if given. With ``empty(shape, dtype)``, the caller allocates each destination (an
+    MXNet NDArray, say) and it is filled in blocks of rows of at most
+    :data:`CHUNK_BYTES` through ``dest[a:b][:] = block``: the contents are then held
+    once, in the caller's arrays, never beside a whole NumPy copy.
     """
+    if convert is not None and empty is not None:
+        raise ValueError("give convert or empty, not both")
     path = Path(path)
     try:
         info = path.stat()
@@ -75,6 +86,9 @@ def read_params(
             raise FormatError(f"{path}: duplicate parameter names")
         out: dict[str, Any] = {}
         for name, record in zip(names, records, strict=True):
+            if empty is not None:
+                out[name] = reader.fill(record, empty)
+                continue
             array = reader.data(record)
             out[name] = array if convert is None else convert(array)
         return out
@@ -155,6 +169,34 @@ class _Reader:
             if self.handle.readinto(memoryview(buffer).cast("B")) != array.nbytes:
                 raise FormatError(f"{self.path}: truncated (changed while being read?)")
         return array.astype(dtype.newbyteorder("="), copy=False)
+
+    def fill(
+        self,
+        record: tuple[int, tuple[int, ...], np.dtype[Any] | None],
+        empty: Callable[[tuple[int, ...], np.dtype[Any]], Any],
+    ) -> Any:
+        """The array a checked header describes, in a destination from ``empty``,
+        read in blocks of rows through one reused buffer."""
+        start, shape, dtype = record
+        if dtype is None or math.prod(shape) == 0 or len(shape) == 0:
+            array = self.data(record)
+            dest = empty(array.shape, array.dtype)
+            if array.size:
+                dest[:] = array
+            return dest
+        native = dtype.newbyteorder("=")
+        dest = empty(shape, native)
+        rows = shape[0]
+        step = max(1, CHUNK_BYTES // (math.prod(shape[1:]) * dtype.itemsize))
+        buffer = np.empty((min(step, rows), *shape[1:]), dtype=dtype)
+        self.handle.seek(start)
+        for first in range(0, rows, step):
+            block = buffer[: min(step, rows - first)]
+            view: Any = block  # an ndarray is a writable buffer
+            if self.handle.readinto(memoryview(view).cast("B")) != block.nbytes:
+                raise FormatError(f"{self.path}: truncated (changed while being read?)")
+            dest[first : first + len(block)][:] = block.astype(native, copy=False)
+        return dest
 
     def name(self) -> str:
         n = self.u64()

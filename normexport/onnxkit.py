@@ -22,7 +22,11 @@ from normexport import __version__, files
 from normexport.errors import FormatError, GraphError, first_line
 
 DEFAULT_OPSET = 13
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to an external data file
+# Weights above this go to an external data file: a file with its weights inline is read
+# whole by onnx.checker and onnxruntime, which then hold them twice; external data they
+# map or skip (see docs/performance.md).
+EXTERNAL_DATA_THRESHOLD = 64 << 20
+WRITE_CHUNK_BYTES = 16 << 20  # the largest block of a tensor copied out while writing
 
 
 def newest_opset() -> int:
@@ -80,14 +84,14 @@ def write_model(
     """Write ``model`` atomically, filling the initializers named in ``params`` one
     tensor at a time; return the files written.
 
-    ``params`` maps initializer names to arrays (NumPy, memory maps, or anything with
-    ``asnumpy()``), read only while that tensor is written, so the weights are never
-    all copied into the protobuf. Without ``external`` they are streamed into the file
-    as ``raw_data``: the weightless model is serialized first, then each tensor as a
-    ``graph.initializer`` entry of its own (protobuf merges repeated fields that follow,
-    so the file parses as one model). With ``external`` (a file name relative to the
-    model), they are written to that file and referenced by offset, as onnx's external
-    data format describes.
+    ``params`` maps initializer names to arrays (NumPy, memory maps or MXNet NDArrays),
+    copied out a block of rows at a time while that tensor is written, so neither the
+    protobuf nor the writer ever holds a copy of the weights. Without ``external`` they
+    are streamed into the file as ``raw_data``: the weightless model is serialized
+    first, then each tensor as a ``graph.initializer`` entry of its own (protobuf merges
+    repeated fields that follow, so the file parses as one model). With ``external`` (a
+    file name relative to the model), they are written to that file and referenced by
+    offset, as onnx's external data format describes.
     """
     path = Path(path)
     model = copy_model(model)
@@ -103,15 +107,13 @@ def write_model(
         with files.atomic_write(path) as handle:
             handle.write(model.SerializeToString())
             for tensor in filled:
-                array = _tensor_array(tensor, params[tensor.name])
-                handle.write(_initializer_prefix(tensor, array.nbytes))
-                array.tofile(handle)
-                del array
+                handle.write(_initializer_prefix(tensor, _nbytes(tensor)))
+                _write_tensor(handle, tensor, params[tensor.name])
         return [path]
     offset = 0
     placed = []
     for tensor in filled:
-        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * _itemsize(tensor)
+        nbytes = _nbytes(tensor)
         offset = -(-offset // 64) * 64  # align like onnx's own external data writer
         tensor.data_location = TensorProto.EXTERNAL
         del tensor.external_data[:]
@@ -123,26 +125,37 @@ def write_model(
     with files.atomic_write(data_path) as handle:
         for start, tensor in placed:
             handle.seek(start)
-            array = _tensor_array(tensor, params[tensor.name])
-            array.tofile(handle)
-            del array
+            _write_tensor(handle, tensor, params[tensor.name])
     files.write_bytes(path, model.SerializeToString())
     return [path, data_path]
 
 
-def _itemsize(tensor: TensorProto) -> int:
-    return int(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+def _nbytes(tensor: TensorProto) -> int:
+    return math.prod(tensor.dims) * int(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
 
 
-def _tensor_array(tensor: TensorProto, value: Any) -> np.ndarray:
+def _write_tensor(handle: Any, tensor: TensorProto, value: Any) -> None:
+    """Write ``value``'s bytes (little-endian) for ``tensor``, a block of rows at a time.
+
+    ``value`` is a NumPy array (a memory map too) or an MXNet NDArray; a block of at most
+    :data:`WRITE_CHUNK_BYTES` is copied out at a time (``value[a:b]`` is a view in both),
+    so writing holds no copy of the tensor.
+    """
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    array = np.ascontiguousarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
-    if array.size != int(np.prod(tensor.dims, dtype=np.int64)) or array.dtype != dtype:
+    shape = tuple(value.shape)
+    if math.prod(shape) != math.prod(tensor.dims) or np.dtype(value.dtype) != dtype:
         raise GraphError(
-            f"initializer {tensor.name}: {array.dtype} {array.shape} does not fit "
+            f"initializer {tensor.name}: {np.dtype(value.dtype).name} {shape} does not fit "
             f"{np.dtype(dtype).name} {list(tensor.dims)}"
         )
-    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+    if not shape:
+        value, shape = value.reshape((1,)), (1,)
+    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    step = max(1, WRITE_CHUNK_BYTES // max(1, row_bytes))
+    for first in range(0, shape[0], step):
+        block = value[first : first + step]
+        array = np.ascontiguousarray(block.asnumpy() if hasattr(block, "asnumpy") else block)
+        array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(handle)
 
 
 def _initializer_prefix(tensor: TensorProto, nbytes: int) -> bytes:
@@ -203,12 +216,16 @@ def metadata_entries(mode: str, scalers: dict[str, Any], fold: dict[str, str]) -
 MAX_ONNX_BYTES = 64 * 1024**3
 
 
-def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onnx.ModelProto:
+def load_onnx(
+    path: str | os.PathLike[str], *, with_weights: bool = True, leave_in_file: int | None = None
+) -> onnx.ModelProto:
     """Load an ONNX file with a clear error for missing, garbage or truncated files.
 
     Before anything else reads the graph, :func:`validate` refuses what would crash or
     mislead a checker or runtime: recursive model-local functions, and tensors whose
-    declared dims disagree with their data.
+    declared dims disagree with their data. With ``leave_in_file`` (and without
+    ``with_weights``), inline initializers of at least that many bytes stay in the file
+    (:func:`read_inline_view`), so that loading holds no weights.
     """
 
     path = Path(path)
@@ -217,8 +234,11 @@ def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onn
     if path.stat().st_size > MAX_ONNX_BYTES:
         raise GraphError(f"{path}: larger than {MAX_ONNX_BYTES} bytes")
     try:
-        # format="protobuf": onnx would otherwise pick a text parser from a .json/.txt name
-        model = onnx.load(str(path), format="protobuf", load_external_data=False)
+        if leave_in_file is not None and not with_weights:
+            model = read_inline_view(path, leave_in_file)
+        else:
+            # format="protobuf": onnx would otherwise pick a text parser from a .json name
+            model = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError, ValueError, RuntimeError, ...
         raise GraphError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
     if not model.graph.node and not model.graph.input:
@@ -232,6 +252,124 @@ def load_onnx(path: str | os.PathLike[str], *, with_weights: bool = True) -> onn
         except (OSError, ValueError) as exc:
             raise GraphError(f"{path}: cannot read external data ({first_line(exc)})") from exc
     return model
+
+
+def read_inline_view(path: Path, min_bytes: int) -> onnx.ModelProto:
+    """The model in ``path``, with the inline ``raw_data`` of each main-graph initializer
+    of at least ``min_bytes`` left in the file: such a tensor refers to it as external
+    data (location: the file's own name, offset and length of the bytes), as if the file
+    were its own data file.
+
+    One streamed pass over the protobuf wire format (``ModelProto.graph`` = 7,
+    ``GraphProto.initializer`` = 5, ``TensorProto.raw_data`` = 9); everything else is
+    parsed by protobuf as usual. Reading a file with inline weights whole costs two
+    copies of them (the bytes and the parsed message); this holds none, and anything
+    that handles external data (memory maps, onnxruntime) reads them from the file.
+    """
+    size = path.stat().st_size
+    top, graph, tensors = bytearray(), bytearray(), []
+    with open(path, "rb") as handle:
+        wire = _Wire(handle, size)
+        while wire.pos < size:
+            start = wire.pos
+            field, kind = wire.key()
+            if (field, kind) != (7, 2):
+                top += wire.field(start, kind)
+                continue
+            end = wire.end()  # repeated occurrences of graph merge: each is scanned
+            while wire.pos < end:
+                start = wire.pos
+                field, kind = wire.key()
+                if (field, kind) == (5, 2):
+                    tensors.append(_tensor_view(wire, wire.end(), min_bytes, path.name))
+                else:
+                    graph += wire.field(start, kind)
+            wire.expect(end)
+    model = onnx.ModelProto.FromString(bytes(top))
+    model.graph.MergeFromString(bytes(graph))
+    model.graph.initializer.extend(tensors)
+    return model
+
+
+def _tensor_view(wire: _Wire, end: int, min_bytes: int, location: str) -> TensorProto:
+    body, data = bytearray(), None
+    while wire.pos < end:
+        start = wire.pos
+        field, kind = wire.key()
+        if (field, kind) == (9, 2):
+            data_end = wire.end()
+            if data_end - wire.pos >= min_bytes:
+                data = (wire.pos, data_end - wire.pos)
+                wire.seek(data_end)
+                continue
+            wire.seek(start)
+            wire.key()
+        body += wire.field(start, kind)
+    wire.expect(end)
+    tensor = TensorProto.FromString(bytes(body))
+    if data is not None and tensor.data_location != TensorProto.EXTERNAL:
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", data[0]), ("length", data[1])):
+            tensor.external_data.append(onnx.StringStringEntryProto(key=key, value=str(value)))
+    return tensor
+
+
+class _Wire:
+    """Protobuf wire format read from a file, bounds-checked (a truncated or damaged file
+    raises ValueError, which the caller reports as not an ONNX model)."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.handle, self.size, self.pos = handle, size, 0
+
+    def seek(self, pos: int) -> None:
+        if not 0 <= pos <= self.size:
+            raise ValueError("truncated or damaged protobuf")
+        self.handle.seek(pos)
+        self.pos = pos
+
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 70, 7):
+            byte = self.handle.read(1)
+            if not byte:
+                raise ValueError("truncated protobuf")
+            self.pos += 1
+            value |= (byte[0] & 0x7F) << shift
+            if byte[0] < 0x80:
+                return value
+        raise ValueError("damaged protobuf (a varint of more than 10 bytes)")
+
+    def key(self) -> tuple[int, int]:
+        key = self.varint()
+        return key >> 3, key & 7
+
+    def end(self) -> int:
+        """Where a length-delimited value whose length comes next ends."""
+        end = self.varint()
+        end += self.pos
+        if end > self.size:
+            raise ValueError("truncated protobuf (a field runs past the end of the file)")
+        return end
+
+    def expect(self, end: int) -> None:
+        if self.pos != end:
+            raise ValueError("damaged protobuf (a field runs past its message)")
+
+    def field(self, start: int, kind: int) -> bytes:
+        """The whole field that began at ``start`` (its key just read), as bytes."""
+        if kind == 2:
+            self.seek(self.end())
+        elif kind == 0:
+            self.varint()
+        elif kind in (1, 5):  # fixed64, fixed32
+            self.seek(self.pos + (8 if kind == 1 else 4))
+        else:
+            raise ValueError(f"unsupported protobuf wire type {kind}")
+        end = self.pos
+        self.handle.seek(start)
+        data = self.handle.read(end - start)
+        self.handle.seek(end)
+        return data
 
 
 # --------------------------------------------------------------------------- validation

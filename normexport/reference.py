@@ -52,14 +52,32 @@ class NumpyNet:
         self.last_use = {ref: i for i, refs in enumerate(self.inputs) for ref in refs}
         params = read_params(params_path)
         self.params = {k.split(":", 1)[-1]: v for k, v in params.items()}
+        # Dense weights stay in their dtype: _fully_connected casts them a block at a time.
+        self.weights = {
+            self.nodes[refs[1]]["name"]
+            for node, refs in zip(self.nodes, self.inputs, strict=True)
+            if node["op"] == "FullyConnected" and len(refs) > 1
+        }
+        shapes = [self.params[k].shape for k in self.weights if k in self.params]
+        self.widest = max((shape[0] for shape in shapes), default=1)
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
+        """The network on the rows of ``X``, in blocks of rows whose widest activation
+        stays within :data:`ACTIVATION_BYTES` (each row is computed on its own)."""
+        rows = max(1, ACTIVATION_BYTES // (self.widest * X.dtype.itemsize))
+        if len(X) <= rows:
+            return self._forward(X)
+        return np.concatenate([self._forward(X[a : a + rows]) for a in range(0, len(X), rows)])
+
+    def _forward(self, X: np.ndarray) -> np.ndarray:
         values: dict[int, np.ndarray] = {}
         with np.errstate(over="ignore"):
             for i, node in enumerate(self.nodes):
                 args = [values[ref] for ref in self.inputs[i]]
                 if node["op"] == "null":
-                    value = self.params.get(node["name"], X).astype(X.dtype, copy=False)
+                    value = self.params.get(node["name"], X)
+                    if node["name"] not in self.weights:
+                        value = value.astype(X.dtype, copy=False)
                 else:
                     value = _NUMPY_OPS[node["op"]](args, node.get("attrs", {}))
                 values[i] = value
@@ -77,17 +95,38 @@ def _fully_connected(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarra
     x = args[0]
     if attrs.get("flatten", "True") in ("True", "true", "1"):
         x = x.reshape(x.shape[0], -1)
-    y = x @ args[1].T
+    y = _matmul_transposed(x, args[1])
     if attrs.get("no_bias", "False") not in ("True", "true", "1"):
-        y = y + args[2]
+        y += args[2]  # y is new: in place, one activation less
     return y
+
+
+CAST_BLOCK_BYTES = 16 << 20  # float64 copies of float32 weights, a block of rows at a time
+ACTIVATION_BYTES = 64 << 20  # the widest activation of one block of rows
+
+
+def _matmul_transposed(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w.T`` in ``x``'s dtype. A weight of another dtype (float32 weights in the
+    float64 evaluation) is cast a block of rows at a time, never copied whole."""
+    if w.dtype == x.dtype:
+        return x @ w.T
+    if w.size * x.dtype.itemsize <= CAST_BLOCK_BYTES:  # small: one cast, as it always was
+        return x @ w.astype(x.dtype).T
+    out = np.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
+    step = max(1, CAST_BLOCK_BYTES // max(1, w.shape[1] * x.dtype.itemsize))
+    for first in range(0, w.shape[0], step):
+        out[:, first : first + step] = x @ w[first : first + step].astype(x.dtype).T
+    return out
 
 
 def _activation(args: list[np.ndarray], attrs: dict[str, str]) -> np.ndarray:
     x, kind = args[0], attrs.get("act_type")
     one = x.dtype.type(1)
     if kind == "sigmoid":
-        return one / (one + np.exp(-x))
+        y = np.negative(x)  # 1 / (1 + exp(-x)), computed in one new array
+        np.exp(y, out=y)
+        y += one
+        return np.divide(one, y, out=y)
     if kind == "tanh":
         return np.tanh(x)
     if kind == "relu":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,7 +14,18 @@ from normexport.errors import FormatError, first_line
 Runtime = Callable[[np.ndarray], np.ndarray]
 
 
-def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
+PREPACK_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _model_bytes(path: str | os.PathLike[str]) -> int:
+    """The model file and its external data files (named after it), in bytes."""
+    return sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+
+
+def session_options(path: str | os.PathLike[str]) -> Any:
+    """onnxruntime's session options for verifying ``path``: quiet, and for a large model
+    without prepacking, which copies every Gemm/MatMul weight into MLAS's layout (a
+    second copy of the model beside the mapped external data)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -21,8 +33,18 @@ def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
     # idle pool threads would spin after each run, taking a core from the table reader and
     # the other runtimes that verification runs between two calls
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _model_bytes(path) > PREPACK_MAX_BYTES:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def onnxruntime_runtime(path: str | os.PathLike[str]) -> Runtime:
+    import onnxruntime as ort
+
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(path), session_options(path), providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # ORT raises its own exception types for bad files
         from normexport.onnxkit import load_onnx
 
@@ -49,7 +71,7 @@ def onnx_reference_runtime(path: str | os.PathLike[str]) -> Runtime:
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    size = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+    size = _model_bytes(path)
     if size > REFERENCE_MAX_BYTES:
         # It holds the weights two to three times over (proto, arrays, transposed copies).
         raise NotImplementedError(

@@ -6,8 +6,11 @@ protobuf's 2 GiB limit), then runs ``normexport.mx.exporting.export_directory`` 
 fresh process, instrumented like ``scripts/bench`` (wall time, peak RSS, per stage), and
 checks the result: ``model.onnx`` + ``model.onnx.data``, verification passed.
 
-It needs several times the model's size in memory (see docs/performance.md); a watchdog
-stops the export (only that process) if the machine's available memory falls below
+``--paths`` runs other export paths on the same network, one after another, each in
+its own process (``scripts/bench``'s export cases; bake reads a bare ONNX file with its
+weights in external data, since inline weights cannot exceed 2 GiB). Each needs about
+the model's size in memory beyond the interpreter (see docs/performance.md); a watchdog
+stops a case (only that process) if the machine's available memory falls below
 ``--min-available-gib``. Results: ``bench-results/large-model-<time>.json`` and a table.
 """
 
@@ -18,7 +21,6 @@ import datetime as _dt
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,9 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     parser.add_argument("--dir", type=Path, default=bench.RESULTS / "large-model-work")
+    parser.add_argument(
+        "--paths",
+        default="dir",
+        help="comma-separated export paths to run, one after another: "
+        + ", ".join(f"{k} ({v})" for k, v in bench.EXPORT_PATHS.items())
+        + "; default dir",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the model directory")
     parser.add_argument("--min-available-gib", type=float, default=2.0)
     args = parser.parse_args(argv)
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    unknown = set(paths) - set(bench.EXPORT_PATHS)
+    if unknown:
+        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
 
     n_params = parameters(args.width)
     size = 4 * n_params
@@ -51,63 +64,70 @@ def main(argv: list[str] | None = None) -> int:
     bench.RESULTS.mkdir(exist_ok=True)
     shutil.rmtree(args.dir, ignore_errors=True)
     watchdog = args.min_available_gib * 1024
-    started = time.perf_counter()
-    prepared = bench.run_worker(
-        "prepare_wide", {"width": args.width, "dir": str(args.dir)}, min_available_mib=watchdog
-    )
-    prepare_seconds = time.perf_counter() - started
-    print(f"  wrote the network in {prepare_seconds:.0f} s; exporting ...", file=sys.stderr)
-    result = bench.run_worker(
-        "export", {"dir": str(args.dir), "mode": "splice"}, min_available_mib=watchdog
-    )
-    files = result["files"]
-    model_mib = result["params_bytes"] / 2**20
-    beyond = result["peak_mib"] - result["baseline"]["rss_mib"]
-    checks = {
-        "parameters exceed 2 GiB": result["params_bytes"] > 2**31,
-        "model.onnx.data written": "model.onnx.data" in files,
-        "model.onnx itself is small": files.get("model.onnx", 1 << 40) < 1 << 20,
-        "verification passed": result["ok"],
-    }
+    cases = [c for c in bench.path_cases(args.width, paths) if c["mode"] == "splice"]
+    results = []
+    try:
+        for case in cases:
+            results.append(
+                bench.run_export_case(
+                    case, args.dir, lambda m: print(m, file=sys.stderr, flush=True), watchdog
+                )
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+            shutil.rmtree(bench.side_dir(args.dir), ignore_errors=True)
     summary = {
-        "format": "normexport.large-model/1",
+        "format": "normexport.large-model/2",
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "environment": bench.environment(),
         "width": args.width,
-        "parameters": prepared["parameters"],
-        "params_bytes": result["params_bytes"],
-        "prepare_seconds": prepare_seconds,
-        "export": result,
-        "peak_beyond_baseline_mib": beyond,
-        "peak_over_model": beyond / model_mib,
-        "checks": checks,
+        "parameters": n_params,
+        "cases": results,
     }
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = bench.RESULTS / f"large-model-{stamp}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [
-        f"large model: {prepared['parameters']:,} float32 parameters, "
-        f"{result['params_bytes'] / 1e9:.2f} GB ({model_mib / 1024:.2f} GiB)",
-        f"export (splice + ONNX with external data + verification + manifest): "
-        f"{result['wall_seconds']:.0f} s wall",
-        f"peak RSS {result['peak_mib'] / 1024:.2f} GiB; baseline after imports "
-        f"{result['baseline']['rss_mib']:.0f} MiB; beyond baseline {beyond / 1024:.2f} GiB "
-        f"= {beyond / model_mib:.2f}x the model",
-        "files: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in files.items()),
-        "stages (seconds, peak RSS within the stage):",
-    ]
-    for name, stage in result["stages"].items():
-        lines.append(
-            f"  {name:<36} {stage['seconds']:>8.1f} s {stage['peak_mib'] / 1024:>7.2f} GiB "
-            f"(from {stage['rss_before_mib'] / 1024:.2f})"
+    lines = [f"large model: {n_params:,} float32 parameters ({size / 2**30:.2f} GiB)"]
+    checks: dict[str, bool] = {}
+    for case in results:
+        files = case["files"]
+        model_mib = case["model_mib"]
+        lines += [
+            "",
+            f"{case['name']}: {case['wall_seconds']:.0f} s wall "
+            f"({case['seconds_per_gib']:.1f} s per GiB), peak RSS "
+            f"{case['peak_mib'] / 1024:.2f} GiB; baseline {case['baseline']['rss_mib']:.0f} MiB; "
+            f"beyond baseline {case['peak_beyond_baseline_mib'] / 1024:.2f} GiB = "
+            f"{case['peak_over_model']:.2f}x the model, in '{case['peak_stage']}'",
+            "files: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in files.items()),
+            "stages (seconds, peak RSS within the stage):",
+        ]
+        for name, stage in case["stages"].items():
+            lines.append(
+                f"  {name:<36} {stage['seconds']:>8.1f} s {stage['peak_mib'] / 1024:>7.2f} GiB "
+                f"(from {stage['rss_before_mib'] / 1024:.2f})"
+            )
+        onnx_files = [k for k in files if k.endswith(".onnx")]
+        checks.update(
+            {
+                f"{case['name']}: parameters exceed 2 GiB": model_mib > 2048,
+                f"{case['name']}: external data written": any(k.endswith(".data") for k in files),
+                f"{case['name']}: the .onnx file itself is small": all(
+                    files[k] < 1 << 20 for k in onnx_files
+                ),
+                f"{case['name']}: verification passed": case["ok"],
+                f"{case['name']}: peak within {bench.EXPORT_RSS_TARGET}x the model": case[
+                    "peak_over_model"
+                ]
+                <= bench.EXPORT_RSS_TARGET,
+            }
         )
+        if case["error"]:
+            lines.append(f"error: {case['error']}")
     lines += [f"check: {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
-    if result["error"]:
-        lines.append(f"error: {result['error']}")
     print("\n".join(lines))
     print(f"wrote {out}", file=sys.stderr)
-    if not args.keep:
-        shutil.rmtree(args.dir, ignore_errors=True)
     return 0 if all(checks.values()) else 1
 
 

@@ -145,7 +145,7 @@ def test_conversion_is_byte_reproducible(tmp_path, scalers):
 
 
 def test_external_data_for_large_models(tmp_path, scalers, monkeypatch):
-    """The >1 GiB path, exercised with a low threshold (the real size is in scripts/)."""
+    """The external-data path (above 64 MiB), exercised with a low threshold."""
     monkeypatch.setattr(onnxkit, "EXTERNAL_DATA_THRESHOLD", 1000)
     net = random_net("relu", "float32", hidden=(64,))
     path = convert(tmp_path, net, *scalers, "float32")

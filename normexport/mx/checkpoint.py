@@ -325,8 +325,9 @@ def load_params(
     size = path.stat().st_size if path.is_file() else 0
     if size > MAX_PARAMS_BYTES:
         raise FormatError(f"{path}: {size} bytes, larger than the {MAX_PARAMS_BYTES}-byte limit")
-    # Parsed in Python (never by mx.nd.load), so a hostile file cannot crash the process.
-    loaded = read_params(path, lambda array: mx.nd.array(array, dtype=array.dtype))
+    # Parsed in Python (never by mx.nd.load), so a hostile file cannot crash the process;
+    # each array is filled in place, block by block, so the weights are held once.
+    loaded = read_params(path, empty=lambda shape, dtype: mx.nd.empty(shape, dtype=dtype))
     aux_names = set(symbol.list_auxiliary_states()) if symbol is not None else set()
     arg_params: dict[str, mx.nd.NDArray] = {}
     aux_params: dict[str, mx.nd.NDArray] = {}

@@ -9,6 +9,7 @@ previous complete directory or the new one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -110,7 +111,7 @@ def export(
     in_scaler = _fitted_scaler("in_scaler", in_scaler)
     out_scaler = _fitted_scaler("out_scaler", out_scaler)
     return _export(
-        lambda: _as_checkpoint(model),
+        functools.partial(_as_checkpoint, model),
         in_scaler,
         out_scaler,
         Path(out_dir),
@@ -151,7 +152,8 @@ def _export(
     verify_data: str | os.PathLike[str] | None = None,
 ) -> Path:
     """:func:`export` with the checkpoint loaded by ``load`` (so that only this function
-    holds it and can release it before verification). ``write_net=False`` keeps the
+    holds it and can release it before the checker and verification: a checkpoint the
+    caller still holds stays in memory beside them). ``write_net=False`` keeps the
     directory's own ``net-*`` (re-exporting a trained directory need not rewrite it)."""
     if mode not in MODES:
         raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -507,7 +509,9 @@ def export_files(
         raise DataError("give exactly one of scalers or factors")
     if scalers is not None and (inputs is not None or targets is not None):
         raise DataError(f"{scalers} names the columns; --inputs and --targets go with --factors")
-    model = _load_for_export(symbol, params)
+    # Held in a list that _export empties, so that it releases the weights once written.
+    loaded = [_load_for_export(symbol, params)]
+    model = loaded[0]
     if scalers is not None:
         in_scaler, out_scaler, dtype = load_scalers(scalers)
         try:
@@ -533,15 +537,19 @@ def export_files(
         in_scaler, out_scaler = factors_to_scalers(
             rows, info.n_inputs, info.n_outputs, str(factors), inputs=inputs, targets=targets
         )
-    return export(
-        model,
+    del model
+    return _export(
+        loaded.pop,
         in_scaler,
         out_scaler,
-        out_dir,
+        Path(out_dir),
         mode=mode,
         opset=opset,
         rtol=rtol,
         force=force,
         strict=strict,
+        verify_rows=None,
         verify_data=data,
+        training=None,
+        write_net=True,
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
+from typing import Any
 
 import mxnet as mx
 
@@ -16,18 +16,21 @@ def mxnet_runtime(directory: Path, dtype: str) -> Runtime:
     """The raw-in/raw-out MXNet model, loaded for inference only.
 
     Both files go through :func:`normexport.mx.checkpoint.load_checkpoint` (validated in
-    Python; MXNet's C++ loaders can abort the process on hostile files). Not
-    ``SymbolBlock.imports``: it also allocates gradient buffers as large as the weights.
+    Python; MXNet's C++ loaders can abort the process on hostile files). The graph runs
+    as a ``CachedOp`` on the loaded arrays themselves: ``SymbolBlock.imports`` allocates
+    gradient buffers as large as the weights, and a block's parameters copy each array
+    they are given, so either would hold the weights twice.
     """
     symbol, arg_params, aux_params = load_checkpoint(
         symbol_file(directory, MODEL_PREFIX), params_file(directory, MODEL_PREFIX)
     )
     values = {**arg_params, **aux_params}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        block = mx.gluon.SymbolBlock(symbol, [mx.sym.var("data")])
-        for name, param in block.collect_params().items():
-            param.grad_req = "null"
-            # Parameter._load_init is what ParameterDict.load calls per parameter (MXNet 1.9).
-            param._load_init(values.pop(name), [mx.cpu()], cast_dtype=True, dtype_source="saved")
-    return lambda X: block(mx.nd.array(X, dtype=dtype)).asnumpy()
+    names = symbol.list_inputs()
+    (data,) = [n for n in names if n not in values]  # load_checkpoint leaves one free input
+    op = mx.nd.CachedOp(symbol)
+
+    def run(X: Any) -> Any:
+        inputs = [mx.nd.array(X, dtype=dtype) if n == data else values[n] for n in names]
+        return op(*inputs).asnumpy()
+
+    return run
