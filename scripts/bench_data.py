@@ -228,31 +228,82 @@ def bench_verify_compute(csv: Path, rows: int, repeat: int, log: Any) -> dict[st
     ``repeat`` each. What the ratio leaves over is broken down by two more measurements:
     reading the table alone (this process) and ``verify`` on a 100-row file (start-up,
     imports, loading every runtime, fresh process).
+
+    Throughput (rows per second once running, start-up excluded) is measured on a second
+    file of three times the rows, the first one's rows repeated: the extra time ``verify``
+    takes on the extra rows against the extra time its runtimes take on them.
     """
     from normexport import tables, verification
-    from normexport.modeldir import load_scalers
-    from normexport.reference import one_blas_thread
 
     log("verify-data: verify --data end to end ...")
     wall = measure(normexport("verify", str(MODEL_DIR), "--data", str(csv)), repeat)["seconds"]
     tiny = csv.with_name("rows100.csv")
     write_rows(tiny, 100)
     fixed = measure(normexport("verify", str(MODEL_DIR), "--data", str(tiny)), repeat)["seconds"]
-    in_sc, out_sc, dtype = load_scalers(MODEL_DIR / "scalers.json")
-
-    def best_of(run: Any) -> float:
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
+    in_sc = _scalers()[0]
     log("verify-data: reading the table alone ...")
-    size = verification.CHUNK_ROWS
-    read = best_of(
-        lambda: sum(1 for _ in tables.iter_batches(csv, [in_sc.columns_], batch_rows=size))
+    read = _best_of(
+        repeat,
+        lambda: sum(
+            1
+            for _ in tables.iter_batches(csv, [in_sc.columns_], batch_rows=verification.CHUNK_ROWS)
+        ),
     )
+    compute, skipped = _runtime_compute(csv, repeat, log)
+    total = sum(compute.values())
+
+    big = csv.with_name("rows-x3.csv")
+    with big.open("w") as out, csv.open() as first:
+        header = first.readline()
+        body = first.read()
+        out.write(header + body * 3)
+    log("verify-data: verify --data on three times the rows ...")
+    wall_big = measure(normexport("verify", str(MODEL_DIR), "--data", str(big)), repeat)["seconds"]
+    compute_big, _ = _runtime_compute(big, repeat, log)
+    big.unlink()
+    extra_compute = sum(compute_big.values()) - total
+    return {
+        "rows": rows,
+        "wall_seconds": wall,
+        "runtime_compute_seconds": compute,
+        "skipped": skipped,
+        "ratio_to_runtime_compute": wall / total,
+        "rows_per_s": rows / wall,
+        "read_alone_seconds": read,
+        "verify_100_rows_seconds": fixed,
+        # the cost that grows with the rows: end to end minus the fixed cost of a run
+        "per_row_ratio_to_runtime_compute": (wall - fixed) / total,
+        "rows_x3": 3 * rows,
+        "wall_seconds_x3": wall_big,
+        "runtime_compute_seconds_x3": compute_big,
+        # throughput: the extra rows' extra time, against their runtimes' extra time
+        "throughput_ratio_to_runtime_compute": (wall_big - wall) / extra_compute,
+        "throughput_rows_per_s": 2 * rows / (wall_big - wall),
+    }
+
+
+def _scalers() -> Any:
+    from normexport.modeldir import load_scalers
+
+    return load_scalers(MODEL_DIR / "scalers.json")
+
+
+def _best_of(repeat: int, run: Any) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _runtime_compute(csv: Path, repeat: int, log: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """Each verification runtime's own compute on ``csv``'s rows (see above)."""
+    from normexport import tables, verification
+    from normexport.reference import one_blas_thread
+
+    in_sc, out_sc, dtype = _scalers()
+    size = verification.CHUNK_ROWS
     X = np.concatenate([verification.edge_rows(in_sc), tables.load_columns(csv, in_sc.columns_)])
     chunks = [X[i : i + size].astype(dtype) for i in range(0, len(X), size)]
     del X
@@ -268,23 +319,11 @@ def bench_verify_compute(csv: Path, rows: int, repeat: int, log: Any) -> dict[st
             if name in verification.SAMPLE_ONLY
             else chunks
         )
-        log(f"verify-data: {name} alone ...")
+        log(f"verify-data: {name} alone on {csv.name} ...")
         with one_blas_thread():  # as verify --data runs them
-            compute[name] = best_of(lambda run=run, part=part: [run(c) for c in part])
+            compute[name] = _best_of(repeat, lambda run=run, part=part: [run(c) for c in part])
         del run
-    total = sum(compute.values())
-    return {
-        "rows": rows,
-        "wall_seconds": wall,
-        "runtime_compute_seconds": compute,
-        "skipped": skipped,
-        "ratio_to_runtime_compute": wall / total,
-        "rows_per_s": rows / wall,
-        "read_alone_seconds": read,
-        "verify_100_rows_seconds": fixed,
-        # the cost that grows with the rows: end to end minus the fixed cost of a run
-        "per_row_ratio_to_runtime_compute": (wall - fixed) / total,
-    }
+    return compute, skipped
 
 
 def bench_scale(
@@ -378,6 +417,17 @@ def format_table(results: dict[str, Any]) -> str:
             f"{v['per_row_ratio_to_runtime_compute']:.2f}x the runtimes' compute"
             + "".join(f"; skipped {k}" for k in v["skipped"])
         )
+        if "wall_seconds_x3" in v:
+            extra = sum(v["runtime_compute_seconds_x3"].values()) - sum(
+                v["runtime_compute_seconds"].values()
+            )
+            lines.append(
+                f"    throughput: on {v['rows_x3']} rows {v['wall_seconds_x3']:.2f} s; the "
+                f"{v['rows_x3'] - v['rows']} extra rows took "
+                f"{v['wall_seconds_x3'] - v['wall_seconds']:.2f} s "
+                f"({v['throughput_rows_per_s'] / 1e6:.2f} M rows/s) against {extra:.2f} s of "
+                f"runtime compute: {v['throughput_ratio_to_runtime_compute']:.2f}x"
+            )
     scale = results.get("scale")
     if scale:
         lines.append(f"scale: {scale['rows']} rows in {scale['partitions']} Parquet partitions")
