@@ -135,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "normexport train data.csv --inputs temp_k,strain,frac --targets load,offset "
         "--out model_dir",
     )
-    p.add_argument("data", metavar="DATA.csv", help="CSV file with a header row")
-    p.add_argument("--inputs", required=True, type=_columns, help="input columns, A,B,C")
+    p.add_argument(
+        "data", metavar="DATA", help="the training table: .csv (header row), .parquet, or a dataset"
+    )
+    p.add_argument(
+        "--inputs", type=_columns, help="input columns, A,B,C (default: all but the targets)"
+    )
     p.add_argument("--targets", required=True, type=_columns, help="target columns, U,V")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     p.add_argument("--hidden", type=_sizes, default=[32, 32, 32], help="hidden widths (32,32,32)")

@@ -471,3 +471,32 @@ def test_broken_pipe_is_not_an_error(workspace, model_dir):
     )
     assert result.stdout == "load,offset\n"
     assert "Error" not in result.stderr and "error" not in result.stderr, result.stderr
+
+
+def test_train_inputs_default_to_every_column_but_the_targets(capsys, workspace, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tables.load_columns(workspace / "data.csv", INPUTS + TARGETS)
+    pq.write_table(
+        pa.table({name: table[:, j] for j, name in enumerate(INPUTS + TARGETS)}),
+        tmp_path / "data.parquet",
+    )
+    out = tmp_path / "m"
+    argv = ["train", tmp_path / "data.parquet", "--targets", ",".join(TARGETS), "--out", out]
+    code, _, err = run(capsys, *argv, "--epochs", "2", "--hidden", "4")
+    assert code == 0, err
+    from normexport.modeldir import load_scalers
+
+    in_sc, out_sc, _ = load_scalers(out / "scalers.json")
+    assert in_sc.columns_ == INPUTS and out_sc.columns_ == TARGETS
+    # a text column among them: one line that says how to choose the inputs
+    with_id = tmp_path / "with_id.csv"
+    with_id.write_text("id,temp_k,load\nA,1,2\nB,2,3\n")
+    assert_user_error(
+        capsys,
+        ["train", with_id, "--targets", "load", "--out", tmp_path / "o"],
+        "'id'",
+        "choose them with --inputs",
+    )
+    assert not (tmp_path / "o").exists()

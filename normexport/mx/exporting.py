@@ -314,7 +314,7 @@ def export_directory(
 
 def train_to_directory(
     data_csv: str | os.PathLike[str],
-    inputs: Sequence[str],
+    inputs: Sequence[str] | None,
     targets: Sequence[str],
     out_dir: str | os.PathLike[str],
     *,
@@ -325,9 +325,20 @@ def train_to_directory(
     """Load a CSV, fit scalers, train, and write ``scalers.json``, ``net-*``, plots and a
     training manifest into ``out_dir``. Returns the :class:`~normexport.training.TrainResult`.
 
-    ``transform`` maps input or target columns to ``log``, ``log1p`` or ``asinh``."""
+    ``inputs=None`` takes every column of the table but the targets. ``transform`` maps
+    input or target columns to ``log``, ``log1p`` or ``asinh``."""
+    chosen = inputs is not None
+    if inputs is None:
+        inputs = [c for c in tables.read_header(data_csv) if c not in set(targets)]
     _check_columns(inputs, targets)
-    X, Y = tables.load_table(data_csv, [inputs, targets])
+    try:
+        X, Y = tables.load_table(data_csv, [inputs, targets])
+    except DataError as exc:
+        if chosen:
+            raise
+        raise DataError(
+            f"{exc} (the inputs are every column but the targets; choose them with --inputs)"
+        ) from exc
     scaler_cls = {"minmax": MinMaxScaler, "standard": StandardScaler}.get(scaler)
     if scaler_cls is None:
         raise DataError(f"scaler must be minmax or standard, got {scaler!r}")
