@@ -352,12 +352,7 @@ def bench_scale(
     out: dict[str, Any] = {"rows": total, "partitions": partitions}
 
     def best_of(run: Any) -> float:
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        return min(times)
+        return _best_of(repeat, run)
 
     log("scale: predict, one process ...")
     seconds = best_of(lambda: predict(model, dataset, work / "single.parquet"))
