@@ -383,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
+        _load_libraries(_LIBRARIES.get(args.verb, ()))
         with warnings.catch_warnings():
             # Numeric RuntimeWarnings (overflow in exp, ...) are noise on a terminal:
             # verification judges the numbers. Warnings meant for the user are UserWarnings.
@@ -406,6 +407,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(message, file=sys.stderr)
         return code
+
+
+# The compiled libraries each verb loads. A Ctrl-C inside a C extension's import can be
+# printed as a traceback by the extension itself (NumPy's C API import prints the error
+# before replacing it), so they are imported with SIGINT held; it arrives afterwards.
+_CORE = ("numpy", "pyarrow", "onnx", "onnxruntime")
+_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "train": (*_CORE, "mxnet"),
+    "export": (*_CORE, "mxnet"),
+    "demo": (*_CORE, "mxnet"),
+    "verify": _CORE,
+    "predict": _CORE,
+    "bake": _CORE,
+    "inspect": _CORE,
+}
+
+
+def _load_libraries(names: Sequence[str]) -> None:
+    """Import ``names`` (those installed) with SIGINT held until they are loaded."""
+    import contextlib
+    import importlib
+
+    held = threading.current_thread() is threading.main_thread() and hasattr(
+        signal, "pthread_sigmask"
+    )
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if held else None
+    try:
+        for name in names:
+            with contextlib.suppress(Exception):  # not installed: the verb says what to do
+                importlib.import_module(name)
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _classify(exc: Exception) -> tuple[int, str]:
