@@ -135,3 +135,32 @@ def trained_dir(tmp_path_factory, problem):
     )
     exporting.export_directory(root / "model")
     return root
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``normexport ARGV`` in this process: (exit status, stdout, stderr)."""
+    from normexport.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, *fragments: str, out: str | None = None) -> str:
+    """The user-error contract: exit 2, one ``normexport: error:`` line holding each
+    fragment, no traceback, never an internal temporary path; stdout empty when ``out``
+    is given. Returns the line."""
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("normexport: error: "), lines[0]
+    assert "Traceback" not in err
+    assert ".tmp" not in lines[0] and "staging" not in lines[0], lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    if out is not None:
+        assert out == "", f"stdout must stay empty on a user error, got {out!r}"
+    return lines[0]

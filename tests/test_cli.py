@@ -14,28 +14,16 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import INPUTS, TARGETS, mxnet_predict
+from conftest import INPUTS, TARGETS, mxnet_predict, one_line_error
+from conftest import run_cli as run
 
 from normexport import files, tables
 from normexport.cli import main
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_user_error(capsys, argv, *fragments):
     code, out, err = run(capsys, *argv)
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("normexport: error: ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+    return one_line_error(code, err, *fragments)
 
 
 @pytest.fixture(scope="module")

@@ -18,27 +18,14 @@ pytest.importorskip("mxnet", reason=MXNET_SKIP)
 import shutil
 
 import numpy as np
-from conftest import INPUTS, TARGETS, random_net, smooth_problem
+from conftest import INPUTS, TARGETS, one_line_error, random_net, smooth_problem
+from conftest import run_cli as run
 
 import normexport as nx
 from normexport import files, tables
-from normexport.cli import main
 from normexport.errors import DataError
 from normexport.modeldir import load_scalers
 from normexport.mx import exporting
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *fragments):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("normexport: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def factors_of(model_dir):

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import conftest
 import numpy as np
 from conftest import INPUTS, TARGETS, smooth_problem
 
@@ -125,21 +126,11 @@ def sha256(data: bytes) -> str:
 
 
 def assert_one_line_error(code: int, out: str, err: str, fragments) -> str:
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("normexport: error: "), lines[0]
-    assert "Traceback" not in err
-    assert out == "", f"stdout must stay empty on a user error, got {out!r}"
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+    return conftest.one_line_error(code, err, *fragments, out=out)
 
 
 def run_cli(capsys, argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return conftest.run_cli(capsys, *argv)
 
 
 # --------------------------------------------------------------------------- the table runner

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import one_line_error, run_cli
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import affines, gemm_mlp, make_model
 
@@ -44,25 +45,6 @@ def save(model, path, **kwargs):
     copy.CopyFrom(model)
     onnx.save_model(copy, str(path), **kwargs)
     return path
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *fragments, out=None):
-    assert code == 2, (code, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("normexport: error: "), lines[0]
-    assert ".tmp" not in lines[0] and "staging" not in lines[0], lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    if out is not None:
-        assert out == ""
-    return lines[0]
 
 
 def listing(directory: Path) -> list[str]:

@@ -18,20 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as run
 
 from normexport import files
-from normexport.cli import main
 from normexport.errors import FormatError
 
 DATA = Path(__file__).parent / "data"
 MODEL = DATA / "mxnet_model"
 ROWS = DATA / "rows.csv"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_predict_into_dev_null_writes_to_it_and_leaves_it_a_device(capsys):
