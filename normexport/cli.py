@@ -420,7 +420,7 @@ _LIBRARIES: dict[str, tuple[str, ...]] = {
     "verify": _CORE,
     "predict": _CORE,
     "bake": _CORE,
-    "inspect": _CORE,
+    "inspect": ("numpy", "onnx"),  # what inspect loads anyway: no pyarrow, no onnxruntime
 }
 
 
